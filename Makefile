@@ -1,0 +1,43 @@
+# sclip-lightning: `make install` then `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: install test test-slow test-ddp lint format typecheck demo bench real-benchmark clean
+
+install:  ## create .venv and install the package with dev + offline extras
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e ".[dev,offline]"
+	@$(PYTHON) -c "import sclip_lightning, lightning, open_clip, ot; print('sclip_lightning', sclip_lightning.__version__, 'installed')"
+
+test:  ## the CI suite (CPU, tiny random-weight models, no network)
+	$(PYTHON) -m pytest -q
+
+test-slow:  ## slower CPU tests and real-data tests (needs ../shared/data)
+	$(PYTHON) -m pytest -q -m "slow or realdata"
+
+lint:
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format:
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+typecheck:
+	$(BIN)/mypy
+
+demo:  ## train CLIP vs S-CLIP on the embedded synthetic domain, print + write the table
+	$(PYTHON) -m sclip_lightning.demo --seeds $(or $(SEEDS),0) --out outputs/demo
+
+bench:  ## loss and training-step benchmarks (ratios against baselines in the same run)
+	$(PYTHON) bench/loss.py
+	$(PYTHON) bench/step.py
+
+clean:
+	rm -rf outputs lightning_logs .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,3 @@
+from sclip_lightning.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""Data sets in their native layouts, keyword vocabularies and the S-CLIP DataModule."""
+
+from sclip_lightning.data.datamodule import SCLIPDataModule, split_labeled
+from sclip_lightning.data.datasets import (
+    RSICD,
+    CaptionedDataset,
+    CaptionTable,
+    ClassFolder,
+    ImageFolderUnpaired,
+    RSICDClasses,
+)
+from sclip_lightning.data.images import CorruptImageError, load_image
+from sclip_lightning.data.keywords import KeywordMatcher, load_keywords, mine_keywords
+from sclip_lightning.data.names import clean_class_name
+from sclip_lightning.data.registry import SOURCES, Source, register_source
+
+__all__ = [
+    "RSICD",
+    "SOURCES",
+    "CaptionTable",
+    "CaptionedDataset",
+    "ClassFolder",
+    "CorruptImageError",
+    "ImageFolderUnpaired",
+    "KeywordMatcher",
+    "RSICDClasses",
+    "SCLIPDataModule",
+    "Source",
+    "clean_class_name",
+    "load_image",
+    "load_keywords",
+    "mine_keywords",
+    "register_source",
+    "split_labeled",
+]

@@ -1,0 +1,386 @@
+"""The S-CLIP LightningDataModule: paired + unpaired training loaders, evaluation loaders."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from sclip_lightning.data import registry
+from sclip_lightning.data.keywords import KeywordMatcher, load_keywords, mine_keywords
+from sclip_lightning.models import build_tokenizer, build_transforms
+
+log = logging.getLogger(__name__)
+
+
+def split_labeled(n: int, label_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``range(n)`` into (paired, rest) with ``round(ratio * n)`` pairs.
+
+    Raises:
+        ValueError: ``label_ratio`` outside (0, 1] or fewer than one pair would remain.
+    """
+    if not 0 < label_ratio <= 1:
+        raise ValueError(f"label_ratio must be in (0, 1], got {label_ratio}")
+    n_paired = round(label_ratio * n)
+    if n_paired < 1:
+        raise ValueError(f"label_ratio={label_ratio} of {n} images leaves no pair")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[:n_paired]), sorted(perm[n_paired:])
+
+
+class PairedTrainSet(Dataset):
+    """Paired training items ``{"image", "text", "keywords", "index"}``.
+
+    One caption per image per visit, drawn at random (``caption_sampling="random"``) or the
+    first one; tokenised and matched against the keyword vocabulary here, in the workers.
+    """
+
+    def __init__(self, base, indices, transform, tokenizer, matcher, caption_sampling="random"):
+        self.base, self.indices = base, list(indices)
+        self.transform, self.tokenizer, self.matcher = transform, tokenizer, matcher
+        self.caption_sampling = caption_sampling
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[self.indices[i]]
+        caps = item["captions"]
+        j = int(torch.randint(len(caps), ()).item()) if self.caption_sampling == "random" else 0
+        caption = caps[j]
+        return {
+            "image": self.transform(item["image"]),
+            "text": self.tokenizer([caption])[0],
+            "keywords": self.matcher(caption),
+            "index": self.indices[i],
+        }
+
+
+class UnpairedTrainSet(Dataset):
+    """Unpaired items ``{"image", "index"}``."""
+
+    def __init__(self, base, indices, transform):
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[self.indices[i]]
+        return {"image": self.transform(item["image"]), "index": self.indices[i]}
+
+
+class ZeroShotSet(Dataset):
+    """``{"image", "label"}`` from a class dataset."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        return {"image": self.transform(item["image"]), "label": item["label"]}
+
+
+class RetrievalSet(Dataset):
+    """``{"image", "texts": (n, ctx), "index"}``: every caption (standard protocol) or one
+    caption drawn with a fixed per-image seed (the release's protocol)."""
+
+    def __init__(self, base, transform, tokenizer, protocol: str = "all", seed: int = 0):
+        if protocol not in ("all", "one"):
+            raise ValueError(f"retrieval protocol must be 'all' or 'one', got {protocol!r}")
+        self.base, self.transform, self.tokenizer = base, transform, tokenizer
+        self.protocol, self.seed = protocol, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        caps = item["captions"]
+        if self.protocol == "one":
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            caps = [caps[int(torch.randint(len(caps), (), generator=g))]]
+        return {"image": self.transform(item["image"]), "texts": self.tokenizer(caps), "index": i}
+
+
+def collate_retrieval(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack images; concatenate captions with ``text_image`` = batch position of their image."""
+    images = torch.stack([b["image"] for b in batch])
+    texts = torch.cat([b["texts"] for b in batch])
+    owner = torch.cat(
+        [torch.full((b["texts"].shape[0],), k, dtype=torch.long) for k, b in enumerate(batch)]
+    )
+    index = torch.tensor([b["index"] for b in batch])
+    return {"image": images, "text": texts, "text_image": owner, "index": index}
+
+
+@dataclass
+class EvalSpec:
+    """One evaluation loader: what it measures and what the module needs to score it."""
+
+    name: str
+    kind: str  # "zeroshot" | "retrieval"
+    classes: list[str] | None = None
+    templates: list[str] | None = None
+
+
+class SCLIPDataModule(L.LightningDataModule):
+    """Paired captions + unpaired images for S-CLIP, and evaluation sets.
+
+    L = U (``unpaired_dataset=None``): the captioned train split is split by ``label_ratio``
+    with ``split_seed``; the remaining images (captions dropped) are the unpaired set.
+    L != U: ``label_ratio`` of the captioned train split are the pairs and all images of
+    ``unpaired_dataset`` are unpaired.
+
+    Args:
+        dataset: paired source name (``synthetic``, ``rsicd``, ``caption_table``, ...).
+        root: its root folder (or table file); ``None`` for ``synthetic`` uses the cache.
+        unpaired_dataset: optional separate unpaired source (``image_folder``, ...).
+        unpaired_root: its root.
+        label_ratio: fraction of the captioned train images kept as pairs, in (0, 1].
+        split_seed: seed of the paired/unpaired split.
+        batch_size: paired images per device and step.
+        unpaired_batch_size: unpaired images per device and step.
+        eval_batch_size: images per evaluation batch.
+        num_workers: loader workers.
+        model_name: open_clip model name: its tokenizer and preprocessing are used.
+        image_size: override the model's input size.
+        keywords: keyword vocabulary: a file path, ``"default"`` (the source's own list, if
+            any), ``"mine"`` (top ``num_keywords`` mined from the paired captions) or None.
+        num_keywords: vocabulary size when mining.
+        caption_sampling: ``"random"`` caption per visit (release) or ``"first"``.
+        combined_mode: CombinedLoader mode; ``"max_size_cycle"`` makes an epoch one pass
+            over the larger (usually unpaired) loader, cycling the other.
+        zeroshot: class-labelled evaluation sets as ``"name"`` (same root as ``dataset``)
+            or ``"name=root"``; default: ``dataset`` itself if it has classes.
+        retrieval: captioned evaluation sets, same syntax; default: ``dataset``.
+        val_split, test_split: split names for validation and test.
+        retrieval_protocol: ``"all"`` captions per image (standard) or ``"one"`` (release).
+        templates: zero-shot prompt templates (``{}`` = class name); default per source.
+        skip_corrupt: skip unreadable images (counted and logged) instead of raising.
+        dataset_kwargs: extra keyword arguments for the paired source (e.g. table columns).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str | None = None,
+        unpaired_dataset: str | None = None,
+        unpaired_root: str | None = None,
+        label_ratio: float = 0.1,
+        split_seed: int = 0,
+        batch_size: int = 32,
+        unpaired_batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 2,
+        model_name: str = "sclip-tiny",
+        image_size: int | None = None,
+        keywords: str | None = "default",
+        num_keywords: int = 100,
+        caption_sampling: str = "random",
+        combined_mode: str = "max_size_cycle",
+        zeroshot: list[str] | None = None,
+        retrieval: list[str] | None = None,
+        val_split: str = "val",
+        test_split: str = "test",
+        retrieval_protocol: str = "all",
+        templates: list[str] | None = None,
+        skip_corrupt: bool = False,
+        dataset_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0 < label_ratio <= 1:
+            raise ValueError(f"label_ratio must be in (0, 1], got {label_ratio}")
+        for name, v in (("batch_size", batch_size), ("unpaired_batch_size", unpaired_batch_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if caption_sampling not in ("random", "first"):
+            raise ValueError(f"caption_sampling must be 'random' or 'first', got {caption_sampling!r}")
+        registry.get_source(dataset)
+        if unpaired_dataset is not None:
+            registry.get_source(unpaired_dataset)
+        self.keyword_list: list[str] = []
+        self._prepared = False
+        self.use_unpaired = True
+
+    # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        registry.resolve_root(self.hparams.dataset, self.hparams.root)
+
+    def _kw(self) -> dict[str, Any]:
+        return {"skip_corrupt": self.hparams.skip_corrupt, **(self.hparams.dataset_kwargs or {})}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._prepared:
+            return
+        hp = self.hparams
+        self.root = registry.resolve_root(hp.dataset, hp.root)
+        self.source = registry.get_source(hp.dataset)
+        self.tokenizer = build_tokenizer(hp.model_name)
+        self.train_transform = build_transforms(hp.model_name, True, hp.image_size)
+        self.eval_transform = build_transforms(hp.model_name, False, hp.image_size)
+        self._setup_train()
+        self._prepared = True
+
+    def _setup_train(self) -> None:
+        hp = self.hparams
+        self.train_base = registry.build_captioned(hp.dataset, self.root, "train", **self._kw())
+        n = len(self.train_base)
+        self.paired_indices, rest = split_labeled(n, hp.label_ratio, hp.split_seed)
+        if hp.unpaired_dataset is None:
+            self.unpaired_base = self.train_base
+            self.unpaired_indices = rest
+        else:
+            uroot = registry.resolve_root(hp.unpaired_dataset, hp.unpaired_root)
+            self.unpaired_base = registry.build_unpaired(
+                hp.unpaired_dataset, uroot, skip_corrupt=hp.skip_corrupt
+            )
+            self.unpaired_indices = list(range(len(self.unpaired_base)))
+        self.keyword_list = self._keywords()
+        self.matcher = KeywordMatcher(self.keyword_list)
+        if self.keyword_list:
+            paired_caps = [c for i in self.paired_indices for c in self.train_base.captions[i]]
+            hit, total = self.matcher.coverage(paired_caps)
+            if hit == 0:
+                log.warning(
+                    "none of the %d keywords occurs in any of the %d paired captions: the "
+                    "keyword loss will have no signal; check the vocabulary",
+                    len(self.keyword_list),
+                    total,
+                )
+            else:
+                log.info("keywords: %d of %d paired captions contain one", hit, total)
+        log.info(
+            "S-CLIP data: %d paired, %d unpaired images, %d keywords",
+            len(self.paired_indices),
+            len(self.unpaired_indices),
+            len(self.keyword_list),
+        )
+
+    def _keywords(self) -> list[str]:
+        spec = self.hparams.keywords
+        if spec is None:
+            return []
+        if spec == "default":
+            if self.source.keywords is None:
+                return []
+            path = self.source.keywords(self.root)
+            return load_keywords(path) if path is not None else []
+        if spec == "mine":
+            caps = [c for i in self.paired_indices for c in self.train_base.captions[i]]
+            return mine_keywords(caps, top_k=self.hparams.num_keywords)
+        return load_keywords(spec)
+
+    # ------------------------------------------------------------ loaders
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, drop_last: bool, **kw):
+        nw = self.hparams.num_workers
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=nw,
+            persistent_workers=nw > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kw,
+        )
+
+    def paired_train_set(self) -> PairedTrainSet:
+        return PairedTrainSet(
+            self.train_base,
+            self.paired_indices,
+            self.train_transform,
+            self.tokenizer,
+            self.matcher,
+            self.hparams.caption_sampling,
+        )
+
+    def unpaired_train_set(self) -> UnpairedTrainSet:
+        return UnpairedTrainSet(self.unpaired_base, self.unpaired_indices, self.train_transform)
+
+    def train_dataloader(self) -> CombinedLoader:
+        hp = self.hparams
+        paired = self.paired_train_set()
+        if len(paired) < hp.batch_size:
+            raise ValueError(
+                f"only {len(paired)} paired images for batch_size={hp.batch_size}: lower the "
+                "batch size or raise label_ratio"
+            )
+        loaders = {"paired": self._loader(paired, hp.batch_size, True, True)}
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        self.use_unpaired = bool(getattr(module, "uses_unpaired", True))
+        if self.use_unpaired:
+            unpaired = self.unpaired_train_set()
+            if len(unpaired) < hp.unpaired_batch_size:
+                raise ValueError(
+                    f"the unpaired set has {len(unpaired)} images, fewer than one batch "
+                    f"(unpaired_batch_size={hp.unpaired_batch_size}); lower the batch size, "
+                    "lower label_ratio, or add unpaired images"
+                )
+            loaders["unpaired"] = self._loader(unpaired, hp.unpaired_batch_size, True, True)
+        return CombinedLoader(loaders, mode=hp.combined_mode)
+
+    def _eval_entries(self, kind: str, split: str) -> list[tuple[str, str, Path]]:
+        hp = self.hparams
+        given = hp.zeroshot if kind == "zeroshot" else hp.retrieval
+        if given is None:
+            src = self.source
+            has = src.classes if kind == "zeroshot" else src.captioned
+            given = [hp.dataset] if has is not None else []
+        out = []
+        for entry in given:
+            name, _, root = entry.partition("=")
+            r = registry.resolve_root(name, root or (hp.root if name == hp.dataset else None))
+            out.append((name, entry, r))
+        return out
+
+    def _eval(self, split: str, kinds: tuple[str, ...]) -> tuple[list[DataLoader], list[EvalSpec]]:
+        hp = self.hparams
+        loaders, specs = [], []
+        for kind in kinds:
+            for name, label, root in self._eval_entries(kind, split):
+                source = registry.get_source(name)
+                if kind == "zeroshot":
+                    base = registry.build_classes(name, root, split, skip_corrupt=hp.skip_corrupt)
+                    templates = hp.templates or source.templates
+                    loaders.append(
+                        self._loader(ZeroShotSet(base, self.eval_transform), hp.eval_batch_size, False, False)
+                    )
+                    specs.append(EvalSpec(f"{label}/{split}", kind, list(base.classes), templates))
+                else:
+                    kw = self._kw() if name == hp.dataset else {"skip_corrupt": hp.skip_corrupt}
+                    base = registry.build_captioned(name, root, split, **kw)
+                    rs = RetrievalSet(base, self.eval_transform, self.tokenizer, hp.retrieval_protocol)
+                    loaders.append(
+                        self._loader(rs, hp.eval_batch_size, False, False, collate_fn=collate_retrieval)
+                    )
+                    specs.append(EvalSpec(f"{label}/{split}", kind))
+        return loaders, specs
+
+    def val_dataloader(self) -> list[DataLoader]:
+        loaders, self.val_specs = self._eval(self.hparams.val_split, ("retrieval",))
+        return loaders
+
+    def test_dataloader(self) -> list[DataLoader]:
+        loaders, self.test_specs = self._eval(self.hparams.test_split, ("zeroshot", "retrieval"))
+        return loaders
+
+    def eval_specs(self, stage: str) -> list[EvalSpec]:
+        """The specs of the loaders last built for ``stage`` (``"val"`` or ``"test"``)."""
+        if stage == "test":
+            if not hasattr(self, "test_specs"):
+                self.test_dataloader()
+            return self.test_specs
+        if not hasattr(self, "val_specs"):
+            self.val_dataloader()
+        return self.val_specs

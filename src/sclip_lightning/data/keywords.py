@@ -1,0 +1,157 @@
+"""Keyword vocabularies and keyword-candidate labels (S-CLIP Sec. 3.2).
+
+Works with ``spacy.blank("en")`` (tokeniser, stop words, PhraseMatcher); when a full English
+pipeline is installed (e.g. ``en_core_web_sm``) mining can use its noun chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_keywords(path: str | Path) -> list[str]:
+    """Read a keyword vocabulary: one keyword or phrase a line, blank lines and ``#`` ignored.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds no keyword.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"keyword file not found: {path} (one keyword per line)")
+    words = []
+    seen = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        w = line.strip()
+        if w and not w.startswith("#") and w.lower() not in seen:
+            seen.add(w.lower())
+            words.append(w)
+    if not words:
+        raise ValueError(f"keyword file {path} is empty: write one keyword per line")
+    return words
+
+
+def _blank_nlp():
+    import spacy
+
+    return spacy.blank("en")
+
+
+def mine_keywords(
+    captions: Iterable[str],
+    top_k: int = 100,
+    bigram_min_count: int = 5,
+    use_noun_chunks: bool | str = False,
+) -> list[str]:
+    """Top-K keywords of a caption corpus by frequency.
+
+    With the blank English tokeniser: lower-cased alphabetic unigrams that are not stop
+    words, plus bigrams of two such adjacent tokens seen at least ``bigram_min_count``
+    times. With ``use_noun_chunks`` (True = ``"en_core_web_sm"``, or a pipeline name) the
+    candidates are the pipeline's noun chunks without determiners.
+
+    Args:
+        captions: the paired captions.
+        top_k: vocabulary size (>= 1).
+        bigram_min_count: minimum count for a bigram to be a candidate.
+        use_noun_chunks: False, True or the name of an installed spaCy pipeline.
+
+    Returns:
+        Up to ``top_k`` keywords, most frequent first (ties broken alphabetically).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    counts: Counter[str] = Counter()
+    texts = [c for c in captions if c and c.strip()]
+    if use_noun_chunks:
+        import spacy
+
+        name = "en_core_web_sm" if use_noun_chunks is True else str(use_noun_chunks)
+        try:
+            nlp = spacy.load(name)
+        except OSError as e:
+            raise OSError(
+                f"spaCy pipeline {name!r} is not installed; install it or set "
+                "use_noun_chunks=False to mine with the blank tokeniser"
+            ) from e
+        for doc in nlp.pipe(texts):
+            for chunk in doc.noun_chunks:
+                toks = [t for t in chunk if not t.is_stop and t.is_alpha]
+                if toks:
+                    counts[" ".join(t.lower_ for t in toks)] += 1
+    else:
+        nlp = _blank_nlp()
+        bigrams: Counter[str] = Counter()
+        for doc in nlp.pipe(texts):
+            good = [t.is_alpha and not t.is_stop and len(t) > 1 for t in doc]
+            for i, tok in enumerate(doc):
+                if good[i]:
+                    counts[tok.lower_] += 1
+                    if i + 1 < len(doc) and good[i + 1]:
+                        bigrams[f"{tok.lower_} {doc[i + 1].lower_}"] += 1
+        counts.update({b: c for b, c in bigrams.items() if c >= bigram_min_count})
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [w for w, _ in ranked[:top_k]]
+
+
+class KeywordMatcher:
+    """Which vocabulary keywords occur in a caption, as whole words or phrases.
+
+    Matching is case-insensitive on spaCy tokens (so ``"parking"`` does not match inside
+    ``"parkings"`` and ``"baseball field"`` matches the phrase). Picklable for workers.
+
+    Args:
+        keywords: the vocabulary (K entries).
+    """
+
+    def __init__(self, keywords: Sequence[str]) -> None:
+        self.keywords = list(keywords)
+        self._nlp = None
+        self._matcher = None
+
+    def __len__(self) -> int:
+        return len(self.keywords)
+
+    def _build(self) -> None:
+        from spacy.matcher import PhraseMatcher
+
+        self._nlp = _blank_nlp()
+        self._matcher = PhraseMatcher(self._nlp.vocab, attr="LOWER")
+        for k, word in enumerate(self.keywords):
+            self._matcher.add(str(k), [self._nlp.make_doc(word)])
+
+    def __getstate__(self):
+        return {"keywords": self.keywords}
+
+    def __setstate__(self, state) -> None:
+        self.keywords = state["keywords"]
+        self._nlp = None
+        self._matcher = None
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        """(K,) bool tensor: True where keyword k occurs in ``caption``."""
+        out = torch.zeros(len(self.keywords), dtype=torch.bool)
+        if not self.keywords:
+            return out
+        if self._matcher is None:
+            self._build()
+        assert self._nlp is not None and self._matcher is not None
+        doc = self._nlp.make_doc(caption)
+        for match_id, _, _ in self._matcher(doc):
+            out[int(self._nlp.vocab.strings[match_id])] = True
+        return out
+
+    def coverage(self, captions: Iterable[str]) -> tuple[int, int]:
+        """(captions with at least one keyword, captions in all)."""
+        hit = total = 0
+        for c in captions:
+            total += 1
+            hit += bool(self(c).any())
+        return hit, total

@@ -1,0 +1,126 @@
+"""Named data sources: how a name + root becomes captioned, class and unpaired datasets.
+
+Add your own with :func:`register_source`; the DataModule and the CLI look names up here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from sclip_lightning.data import datasets as ds
+from sclip_lightning.data import synthetic
+
+AERIAL_TEMPLATES = ["an aerial photograph of {}."]
+PHOTO_TEMPLATES = ["a photo of a {}."]
+
+
+@dataclass
+class Source:
+    """How to build the datasets of one named source.
+
+    Attributes:
+        captioned: ``(root, split, **kwargs) -> CaptionedDataset`` or None.
+        classes: ``(root, split, **kwargs) -> class dataset`` (has ``.classes``) or None.
+        unpaired: ``(root, **kwargs) -> dataset of images`` (default: captioned train split).
+        resolve_root: turns the user's root (may be None) into a usable root.
+        keywords: ``root -> keyword file`` (the source's default vocabulary) or None.
+        templates: default zero-shot prompt templates (``{}`` = class name).
+    """
+
+    captioned: Callable[..., Dataset] | None = None
+    classes: Callable[..., Dataset] | None = None
+    unpaired: Callable[..., Dataset] | None = None
+    resolve_root: Callable[[str | None], Path] | None = None
+    keywords: Callable[[Path], Path | None] | None = None
+    templates: list[str] = field(default_factory=lambda: list(PHOTO_TEMPLATES))
+
+
+def _need_root(root: str | None) -> Path:
+    if root is None:
+        raise ValueError("this data source needs `root` (the folder or file of the data set)")
+    return Path(root)
+
+
+def _synthetic_root(root: str | None) -> Path:
+    return synthetic.ensure_synthetic(root)
+
+
+SOURCES: dict[str, Source] = {
+    "synthetic": Source(
+        captioned=lambda root, split, **kw: ds.CaptionTable(
+            Path(root) / "captions.csv", split=split, **kw
+        ),
+        classes=lambda root, split, **kw: ds.ClassFolder(Path(root) / (split or "test"), **kw),
+        resolve_root=_synthetic_root,
+        keywords=lambda root: Path(root) / "keywords.txt",
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "caption_table": Source(
+        captioned=lambda root, split, **kw: ds.CaptionTable(root, split=split, **kw),
+        resolve_root=_need_root,
+    ),
+    "rsicd": Source(
+        captioned=lambda root, split, **kw: ds.RSICD(root, split=split, **kw),
+        classes=lambda root, split, **kw: ds.RSICDClasses(root, split=split, **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "image_folder": Source(
+        unpaired=lambda root, **kw: ds.ImageFolderUnpaired(root, **kw),
+        resolve_root=_need_root,
+    ),
+    "class_folder": Source(
+        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
+        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
+        resolve_root=_need_root,
+    ),
+}
+
+
+def register_source(name: str, source: Source, overwrite: bool = False) -> None:
+    """Make ``name`` usable as ``dataset=`` / ``unpaired_dataset=`` / eval entries."""
+    if name in SOURCES and not overwrite:
+        raise ValueError(f"data source {name!r} exists; pass overwrite=True to replace it")
+    SOURCES[name] = source
+
+
+def get_source(name: str) -> Source:
+    """Look a source up, with the list of known names in the error."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown data set {name!r}; known: {sorted(SOURCES)} "
+            "(or register your own with sclip_lightning.data.register_source)"
+        ) from None
+
+
+def resolve_root(name: str, root: str | None) -> Path:
+    src = get_source(name)
+    return src.resolve_root(root) if src.resolve_root else _need_root(root)
+
+
+def build_captioned(name: str, root: Path, split: str | None, **kwargs: Any) -> Dataset:
+    src = get_source(name)
+    if src.captioned is None:
+        raise ValueError(f"data set {name!r} has no captions; use it as unpaired or zero-shot")
+    return src.captioned(root, split, **kwargs)
+
+
+def build_classes(name: str, root: Path, split: str | None, **kwargs: Any) -> Dataset:
+    src = get_source(name)
+    if src.classes is None:
+        raise ValueError(f"data set {name!r} has no class labels; it cannot be used for zero-shot")
+    return src.classes(root, split, **kwargs)
+
+
+def build_unpaired(name: str, root: Path, **kwargs: Any) -> Dataset:
+    src = get_source(name)
+    if src.unpaired is not None:
+        return src.unpaired(root, **kwargs)
+    return build_captioned(name, root, "train", **kwargs)

@@ -1,0 +1,240 @@
+"""The combined S-CLIP objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sclip_lightning import distributed
+from sclip_lightning.losses.caption_ot import CaptionOTLoss
+from sclip_lightning.losses.contrastive import contrastive_loss
+from sclip_lightning.losses.keyword_pll import KeywordPLLLoss
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of :class:`SCLIPLoss` options (see ``docs/method.md``)."""
+
+    name: str
+    options: dict[str, Any]
+
+
+#: The authors' release (alinlab/s-clip), option by option.
+RELEASED = Preset(
+    "released",
+    dict(
+        contrastive_weight=1.0,
+        caption_weight=0.5,
+        keyword_weight=0.5,
+        assigner="ot",
+        assigner_support="image",
+        sinkhorn_iters=10,
+        sinkhorn_reg=None,
+        sinkhorn_solver="pot",
+        detach_plan=False,
+        keyword_weighting="linear",
+        keyword_empty_rows_in_mean=True,
+        unpaired_negatives=True,
+    ),
+)
+
+#: This project's default: the same method, numerically safe and cheaper.
+RECOMMENDED = Preset(
+    "recommended",
+    dict(
+        RELEASED.options,
+        sinkhorn_solver="log",
+        detach_plan=True,
+        keyword_weighting="softmax",
+        keyword_empty_rows_in_mean=False,
+    ),
+)
+
+PRESETS = {p.name: p for p in (RELEASED, RECOMMENDED)}
+
+
+class SCLIPLoss(nn.Module):
+    """S-CLIP objective: contrastive + caption-level OT + keyword-level PLL.
+
+    ``total = contrastive_weight * L_clip + caption_weight * L_caption + keyword_weight * L_kw``
+    (paper: 1, 1/2, 1/2). Every feature is L2-normalised; ``logit_scale`` is ``s`` itself.
+    The losses are computed in float32 (float64 for the POT solver) with autocast disabled,
+    so they are safe under fp16/bf16 mixed precision. Reference: Mo et al., "S-CLIP:
+    Semi-supervised Vision-Language Pre-training using Few Specialist Captions", NeurIPS 2023.
+
+    Args:
+        contrastive_weight, caption_weight, keyword_weight: >= 0 loss weights.
+        assigner: ``"ot"`` (S-CLIP), ``"soft_nn"`` (Soft-PL), ``"hard_nn"`` (Hard-PL).
+        assigner_support: match unpaired images to paired ``"image"`` or ``"text"`` features.
+        sinkhorn_iters: Sinkhorn iterations (release 10).
+        sinkhorn_reg: entropic regularisation; None = ``1/s`` (release).
+        sinkhorn_solver: ``"pot"`` (release: POT's multiplicative updates in float64) or
+            ``"log"`` (log-domain, exact in float32).
+        detach_plan: stop gradients through the assignment (release: False).
+        keyword_weighting: ``"linear"`` (release ``sim/sum(sim)``) or ``"softmax"``.
+        keyword_empty_rows_in_mean: count unpaired images without keyword candidates in
+            the keyword-loss mean (release: True).
+        unpaired_negatives: unpaired images as extra text->image candidates (release: True).
+        gather_distributed: all-gather features (with gradients) and candidate labels across
+            ranks, so every term runs over the global batch (the OT support too).
+
+    Shapes (forward):
+        image_features (B_p, D), text_features (B_p, D), logit_scale scalar,
+        unpaired_features (B_u, D), keyword_features (K, D), keyword_candidates (B_p, K) bool.
+
+    Returns:
+        ``{"contrastive_loss", "caption_loss", "keyword_loss"}``, each already weighted;
+        missing inputs give a zero term. With ``output_dict=False`` their sum.
+    """
+
+    def __init__(
+        self,
+        contrastive_weight: float = 1.0,
+        caption_weight: float = 0.5,
+        keyword_weight: float = 0.5,
+        assigner: str = "ot",
+        assigner_support: str = "image",
+        sinkhorn_iters: int = 10,
+        sinkhorn_reg: float | None = None,
+        sinkhorn_solver: str = "log",
+        detach_plan: bool = True,
+        keyword_weighting: str = "softmax",
+        keyword_empty_rows_in_mean: bool = False,
+        unpaired_negatives: bool = True,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, w in (
+            ("contrastive_weight", contrastive_weight),
+            ("caption_weight", caption_weight),
+            ("keyword_weight", keyword_weight),
+        ):
+            if not w >= 0:
+                raise ValueError(f"{name} must be >= 0, got {w}")
+        self.contrastive_weight = float(contrastive_weight)
+        self.caption_weight = float(caption_weight)
+        self.keyword_weight = float(keyword_weight)
+        self.unpaired_negatives = unpaired_negatives
+        self.gather_distributed = gather_distributed
+        self.caption = CaptionOTLoss(
+            assigner=assigner,
+            support=assigner_support,
+            sinkhorn_iters=sinkhorn_iters,
+            sinkhorn_reg=sinkhorn_reg,
+            sinkhorn_solver=sinkhorn_solver,
+            detach_plan=detach_plan,
+        )
+        self.keyword = KeywordPLLLoss(
+            weighting=keyword_weighting, empty_rows_in_mean=keyword_empty_rows_in_mean
+        )
+
+    @classmethod
+    def from_preset(cls, name: str = "recommended", **overrides: Any) -> SCLIPLoss:
+        """Build from ``"released"`` or ``"recommended"``, overriding single options."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name].options, **overrides})
+
+    @classmethod
+    def as_released(cls, **overrides: Any) -> SCLIPLoss:
+        """The configuration that reproduces the authors' release (see ``RELEASED``)."""
+        return cls.from_preset("released", **overrides)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        unpaired_features: torch.Tensor | None = None,
+        keyword_features: torch.Tensor | None = None,
+        keyword_candidates: torch.Tensor | None = None,
+        output_dict: bool = True,
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
+        _check_shapes(
+            image_features, text_features, unpaired_features, keyword_features, keyword_candidates
+        )
+        device_type = image_features.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            losses = self._losses(
+                image_features.float(),
+                text_features.float(),
+                torch.as_tensor(logit_scale, device=image_features.device).float(),
+                None if unpaired_features is None else unpaired_features.float(),
+                None if keyword_features is None else keyword_features.float(),
+                keyword_candidates,
+            )
+        return losses if output_dict else sum(losses.values())  # type: ignore[return-value]
+
+    def _losses(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        scale: torch.Tensor,
+        unpaired: torch.Tensor | None,
+        keywords: torch.Tensor | None,
+        candidates: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        if self.gather_distributed:
+            image = distributed.gather_with_grad(image)
+            text = distributed.gather_with_grad(text)
+            if unpaired is not None:
+                unpaired = distributed.gather_with_grad(unpaired)
+            if candidates is not None:
+                candidates = distributed.gather_no_grad(candidates)
+        zero = scale * 0.0
+        has_unpaired = unpaired is not None and unpaired.shape[0] > 0
+        out = {
+            "contrastive_loss": self.contrastive_weight
+            * contrastive_loss(
+                image, text, scale, unpaired if self.unpaired_negatives else None
+            ),
+            "caption_loss": zero,
+            "keyword_loss": zero,
+        }
+        if not has_unpaired or (self.caption_weight == 0 and self.keyword_weight == 0):
+            return out
+        assert unpaired is not None
+        plan = self.caption.assign(unpaired, image, text, scale)
+        if self.caption_weight > 0:
+            out["caption_loss"] = self.caption_weight * self.caption(
+                unpaired, image, text, scale, plan=plan
+            )
+        if (
+            self.keyword_weight > 0
+            and keywords is not None
+            and candidates is not None
+            and keywords.shape[0] > 0
+        ):
+            out["keyword_loss"] = self.keyword_weight * self.keyword(
+                unpaired, keywords, candidates.bool(), plan, scale
+            )
+        return out
+
+
+def _check_shapes(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    unpaired: torch.Tensor | None,
+    keywords: torch.Tensor | None,
+    candidates: torch.Tensor | None,
+) -> None:
+    if image.ndim != 2 or text.shape != image.shape:
+        raise ValueError(
+            "image_features and text_features must both be (B_p, D); got "
+            f"{tuple(image.shape)} and {tuple(text.shape)}"
+        )
+    dim = image.shape[1]
+    if unpaired is not None and (unpaired.ndim != 2 or unpaired.shape[1] != dim):
+        raise ValueError(f"unpaired_features must be (B_u, {dim}); got {tuple(unpaired.shape)}")
+    if keywords is not None and (keywords.ndim != 2 or keywords.shape[1] != dim):
+        raise ValueError(f"keyword_features must be (K, {dim}); got {tuple(keywords.shape)}")
+    if candidates is not None:
+        k = keywords.shape[0] if keywords is not None else candidates.shape[-1]
+        if candidates.shape != (image.shape[0], k):
+            raise ValueError(
+                f"keyword_candidates must be (B_p, K) = ({image.shape[0]}, {k}); "
+                f"got {tuple(candidates.shape)}"
+            )

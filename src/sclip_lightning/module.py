@@ -1,0 +1,389 @@
+"""The S-CLIP LightningModule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torchmetrics.classification import MulticlassAccuracy
+
+from sclip_lightning import distributed
+from sclip_lightning.losses import PRESETS, SCLIPLoss
+from sclip_lightning.metrics import retrieval_recall
+from sclip_lightning.models import build_model, build_tokenizer, register_model_configs
+from sclip_lightning.results import markdown_table, write_results
+
+log = logging.getLogger(__name__)
+
+METHODS = ("sclip", "clip")
+
+
+class SCLIPModule(L.LightningModule):
+    """Fine-tune an open_clip model with S-CLIP (or the supervised CLIP baseline).
+
+    Subclass and override a hook rather than ``training_step``: ``configure_models``,
+    ``configure_losses``, ``encode_images``, ``encode_texts``, ``compute_losses``.
+
+    Args:
+        model_name: open_clip model name (``open_clip.list_models()``, or a JSON registered
+            with ``model_config_dir``).
+        pretrained: open_clip tag, a local weights file, or None (random init).
+        model_config_dir: folder of extra open_clip model JSONs to register.
+        image_size: override the model's input size.
+        method: ``"sclip"`` or ``"clip"`` (supervised baseline: unpaired images unused).
+        objective: loss preset, ``"recommended"`` or ``"released"`` (the authors' release).
+        contrastive_weight, caption_weight, keyword_weight, assigner, assigner_support,
+            sinkhorn_iters, sinkhorn_reg, sinkhorn_solver, detach_plan, keyword_weighting,
+            keyword_empty_rows_in_mean, unpaired_negatives: override single options of the
+            preset (None keeps the preset's value; see :class:`SCLIPLoss`).
+        gather_distributed: compute the objective over the global batch under DDP.
+        keywords: keyword vocabulary; None takes the DataModule's ``keyword_list``.
+        keyword_template: text encoded for each keyword (``{}`` = keyword).
+        lr: AdamW learning rate (paper 5e-5).
+        weight_decay: AdamW weight decay (paper 0.2), none on norms, biases, logit_scale.
+        betas, eps: AdamW betas and epsilon.
+        warmup_steps: linear warm-up, in optimiser steps (paper 10).
+        scheduler: ``"cosine"`` (to 0 at the last step) or ``"constant"``.
+        lock_image: freeze the image tower except the last ``lock_image_unlocked_groups``.
+        lock_text: freeze the text tower except the last ``lock_text_unlocked_layers``.
+        encode_unpaired_separately: encode unpaired images in their own forward (release);
+            the default encodes paired and unpaired images in one call (faster; differs only
+            for BatchNorm towers).
+        max_logit_scale: ``s`` is clamped to this after every step (open_clip: 100).
+        eval_max_elements: similarity-block budget for retrieval evaluation.
+        results_dir: where ``test`` writes results.{md,csv,json} (default: the logger's dir).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "sclip-tiny",
+        pretrained: str | None = None,
+        model_config_dir: str | None = None,
+        image_size: int | None = None,
+        method: str = "sclip",
+        objective: str = "recommended",
+        contrastive_weight: float | None = None,
+        caption_weight: float | None = None,
+        keyword_weight: float | None = None,
+        assigner: str | None = None,
+        assigner_support: str | None = None,
+        sinkhorn_iters: int | None = None,
+        sinkhorn_reg: float | None = None,
+        sinkhorn_solver: str | None = None,
+        detach_plan: bool | None = None,
+        keyword_weighting: str | None = None,
+        keyword_empty_rows_in_mean: bool | None = None,
+        unpaired_negatives: bool | None = None,
+        gather_distributed: bool = True,
+        keywords: list[str] | None = None,
+        keyword_template: str = "{}",
+        lr: float = 5e-5,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 10,
+        scheduler: str = "cosine",
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        encode_unpaired_separately: bool = False,
+        max_logit_scale: float = 100.0,
+        eval_max_elements: int = 1 << 24,
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if objective not in PRESETS:
+            raise ValueError(f"objective must be one of {sorted(PRESETS)}, got {objective!r}")
+        if scheduler not in ("cosine", "constant"):
+            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if "{}" not in keyword_template:
+            raise ValueError(f"keyword_template must contain '{{}}', got {keyword_template!r}")
+        self.save_hyperparameters()
+        if model_config_dir:
+            register_model_configs(model_config_dir)
+        self.keywords: list[str] | None = list(keywords) if keywords is not None else None
+        self.configure_models()
+        self.configure_losses()
+        self.test_results: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ hooks
+    def configure_models(self) -> None:
+        """Build ``self.model`` (open_clip) and ``self.tokenizer``; apply tower locking."""
+        hp = self.hparams
+        self.model = build_model(hp.model_name, hp.pretrained, hp.image_size)
+        self.tokenizer = build_tokenizer(hp.model_name)
+        if hp.lock_image:
+            self.model.lock_image_tower(unlocked_groups=hp.lock_image_unlocked_groups)
+        if hp.lock_text:
+            self.model.lock_text_tower(unlocked_layers=hp.lock_text_unlocked_layers)
+
+    def loss_options(self) -> dict[str, Any]:
+        """The :class:`SCLIPLoss` options: the preset with this module's overrides."""
+        hp = self.hparams
+        opts = dict(PRESETS[hp.objective].options)
+        for name in opts:
+            if hp.get(name) is not None:
+                opts[name] = hp[name]
+        if hp.method == "clip":
+            opts.update(caption_weight=0.0, keyword_weight=0.0, unpaired_negatives=False)
+        opts["gather_distributed"] = hp.gather_distributed
+        return opts
+
+    def configure_losses(self) -> None:
+        """Build ``self.criterion``."""
+        self.criterion = SCLIPLoss(**self.loss_options())
+
+    @property
+    def uses_unpaired(self) -> bool:
+        """Whether training consumes unpaired images (False for the CLIP baseline)."""
+        c = self.criterion
+        return self.hparams.method == "sclip" and (
+            c.caption_weight > 0 or c.keyword_weight > 0 or c.unpaired_negatives
+        )
+
+    @property
+    def uses_keywords(self) -> bool:
+        return self.uses_unpaired and self.criterion.keyword_weight > 0 and bool(self.keywords)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalised features."""
+        return self.model.encode_image(images, normalize=True)
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens -> (B, D) L2-normalised features."""
+        return self.model.encode_text(tokens, normalize=True)
+
+    def logit_scale(self) -> torch.Tensor:
+        """The scale ``s`` (exponentiated)."""
+        return self.model.logit_scale.exp()
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss terms of one training batch ``{"paired": {...}, "unpaired": {...}}``."""
+        paired = batch["paired"]
+        unpaired = batch.get("unpaired") if self.uses_unpaired else None
+        n_p = paired["image"].shape[0]
+        unpaired_feats = None
+        if unpaired is None:
+            image_feats = self.encode_images(paired["image"])
+        elif self.hparams.encode_unpaired_separately:
+            image_feats = self.encode_images(paired["image"])
+            unpaired_feats = self.encode_images(unpaired["image"])
+        else:
+            feats = self.encode_images(torch.cat([paired["image"], unpaired["image"]]))
+            image_feats, unpaired_feats = feats[:n_p], feats[n_p:]
+        text_feats = self.encode_texts(paired["text"])
+        keyword_feats = candidates = None
+        if unpaired is not None and self.uses_keywords:
+            keyword_feats = self.encode_texts(self.keyword_tokens)
+            candidates = paired["keywords"]
+            if candidates.shape[-1] != keyword_feats.shape[0]:
+                raise ValueError(
+                    f"batch keyword labels have {candidates.shape[-1]} columns but the module "
+                    f"has {keyword_feats.shape[0]} keywords: use the same vocabulary in the "
+                    "DataModule and the module (or leave module keywords unset)"
+                )
+        return self.criterion(
+            image_feats,
+            text_feats,
+            self.logit_scale(),
+            unpaired_features=unpaired_feats,
+            keyword_features=keyword_feats,
+            keyword_candidates=candidates,
+        )
+
+    # -------------------------------------------------------------- lifecycle
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.keywords is None and dm is not None:
+            if hasattr(dm, "setup") and not getattr(dm, "_prepared", True):
+                dm.setup(stage)
+            self.keywords = list(getattr(dm, "keyword_list", []) or [])
+        words = [self.hparams.keyword_template.format(k) for k in (self.keywords or [])]
+        tokens = self.tokenizer(words) if words else torch.zeros(0, 1, dtype=torch.long)
+        self.register_buffer("keyword_tokens", tokens.to(self.device), persistent=False)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        total = sum(losses.values())
+        bs = batch["paired"]["image"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        self.log("train/logit_scale", self.logit_scale().detach(), prog_bar=True, batch_size=bs)
+        return total  # type: ignore[return-value]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(self.hparams.max_logit_scale))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+
+        def no_decay(name: str, p: torch.Tensor) -> bool:
+            return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": hp.weight_decay},
+            {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = hp.warmup_steps
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if hp.scheduler == "constant":
+                return 1.0
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------- evaluation
+    def _specs(self, stage: str):
+        dm = self.trainer.datamodule
+        return dm.eval_specs(stage) if dm is not None and hasattr(dm, "eval_specs") else []
+
+    def _start_eval(self, stage: str) -> None:
+        self._specs_now = self._specs(stage)
+        self._store: dict[int, dict[str, list]] = {}
+        self._class_weights: dict[int, torch.Tensor] = {}
+        self._acc: dict[int, tuple[MulticlassAccuracy, MulticlassAccuracy]] = {}
+        for i, spec in enumerate(self._specs_now):
+            if spec.kind == "zeroshot":
+                self._class_weights[i] = self.zeroshot_weights(spec.classes, spec.templates)
+                c = len(spec.classes)
+                self._acc[i] = (
+                    MulticlassAccuracy(c, top_k=1, average="micro").to(self.device),
+                    MulticlassAccuracy(c, top_k=min(5, c), average="micro").to(self.device),
+                )
+
+    @torch.no_grad()
+    def zeroshot_weights(self, classes: list[str], templates: list[str]) -> torch.Tensor:
+        """(C, D) class embeddings: mean of the normalised template embeddings, renormalised."""
+        texts = [t.format(c) for c in classes for t in templates]
+        tokens = self.tokenizer(texts).to(self.device)
+        feats = torch.cat([self.encode_texts(chunk) for chunk in tokens.split(512)])
+        feats = feats.view(len(classes), len(templates), -1).mean(dim=1)
+        return torch.nn.functional.normalize(feats, dim=-1)
+
+    def _eval_step(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        spec = self._specs_now[dataloader_idx]
+        image_feats = self.encode_images(batch["image"]).float()
+        if spec.kind == "zeroshot":
+            logits = image_feats @ self._class_weights[dataloader_idx].float().T
+            top1, top5 = self._acc[dataloader_idx]
+            top1.update(logits, batch["label"])
+            top5.update(logits, batch["label"])
+            return
+        text_feats = self.encode_texts(batch["text"]).float()
+        store = self._store.setdefault(dataloader_idx, {"img": [], "idx": [], "txt": [], "owner": []})
+        store["img"].append(image_feats.cpu())
+        store["idx"].append(batch["index"].cpu())
+        store["txt"].append(text_feats.cpu())
+        store["owner"].append(batch["index"][batch["text_image"]].cpu())
+
+    def _finish_eval(self, stage: str) -> list[dict[str, Any]]:
+        rows = []
+        for i, spec in enumerate(self._specs_now):
+            if spec.kind == "zeroshot":
+                top1, top5 = self._acc[i]
+                row = {"dataset": spec.name, "task": "zero-shot",
+                       "top1": 100 * top1.compute().item(), "top5": 100 * top5.compute().item()}
+            else:
+                row = {"dataset": spec.name, "task": "retrieval", **self._retrieval(i)}
+            rows.append(row)
+            for k, v in row.items():
+                if isinstance(v, float):
+                    self.log(f"{stage}/{spec.name}/{k}", v, sync_dist=False, batch_size=1)
+        means = [r["mean_R"] for r in rows if "mean_R" in r]
+        if means:
+            self.log(f"{stage}/retrieval_mean", sum(means) / len(means), prog_bar=True, batch_size=1)
+        tops = [r["top1"] for r in rows if "top1" in r]
+        if tops:
+            self.log(f"{stage}/zeroshot_top1", sum(tops) / len(tops), prog_bar=True, batch_size=1)
+        return rows
+
+    def _retrieval(self, i: int) -> dict[str, float]:
+        store = self._store.get(i)
+        if store is None:
+            return {}
+        parts = {k: torch.cat(v) for k, v in store.items()}
+        if distributed.world_size() > 1:
+            gathered: list[Any] = [None] * distributed.world_size()
+            dist.all_gather_object(gathered, parts)
+            parts = {k: torch.cat([g[k] for g in gathered]) for k in parts}
+        # deduplicate images (distributed samplers pad) and order them by dataset index
+        idx, first = _unique_first(parts["idx"])
+        img = parts["img"][first]
+        pos = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long)
+        pos[idx] = torch.arange(idx.numel())
+        # captions: keep those of the first copy of each image
+        keep = _captions_of_first_copy(parts["owner"], parts["idx"])
+        txt, owner = parts["txt"][keep], pos[parts["owner"][keep]]
+        dev = self.device
+        return retrieval_recall(
+            img.to(dev), txt.to(dev), owner.to(dev), max_elements=self.hparams.eval_max_elements
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        rows = self._finish_eval("test")
+        self.test_results = rows
+        if self.trainer.is_global_zero and rows:
+            out = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
+            paths = write_results(rows, Path(out))
+            print("\n" + markdown_table(rows) + f"\n(written to {paths['md'].parent})")
+
+
+def _unique_first(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values of ``idx`` and the position of the first occurrence of each."""
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    first = torch.full((uniq.numel(),), idx.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(idx.numel()), "amin")
+    return uniq, first
+
+
+def _captions_of_first_copy(owner: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mask keeping each image's captions once when distributed samplers repeated the image.
+
+    An image seen ``c`` times contributed ``c * n`` captions; keep the first ``n``.
+    """
+    copies = torch.bincount(idx)
+    if int(copies.max()) <= 1:
+        return torch.ones(owner.numel(), dtype=torch.bool)
+    order = torch.sort(owner, stable=True).indices
+    sorted_owner = owner[order]
+    per_owner = torch.bincount(owner, minlength=copies.numel())
+    group_start = torch.cumsum(per_owner, 0) - per_owner
+    rank_in_group = torch.arange(owner.numel()) - group_start[sorted_owner]
+    n_captions = per_owner // copies.clamp_min(1)
+    keep = torch.zeros(owner.numel(), dtype=torch.bool)
+    keep[order] = rank_in_group < n_captions[sorted_owner]
+    return keep
