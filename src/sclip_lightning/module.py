@@ -42,7 +42,7 @@ class SCLIPModule(L.LightningModule):
             keyword_empty_rows_in_mean, unpaired_negatives: override single options of the
             preset (None keeps the preset's value; see :class:`SCLIPLoss`).
         gather_distributed: compute the objective over the global batch under DDP.
-        keywords: keyword vocabulary; None takes the DataModule's ``keyword_list``.
+        keyword_vocabulary: keyword texts; None takes the DataModule's ``keyword_list``.
         keyword_template: text encoded for each keyword (``{}`` = keyword).
         lr: AdamW learning rate (paper 5e-5).
         weight_decay: AdamW weight decay (paper 0.2), none on norms, biases, logit_scale.
@@ -80,7 +80,7 @@ class SCLIPModule(L.LightningModule):
         keyword_empty_rows_in_mean: bool | None = None,
         unpaired_negatives: bool | None = None,
         gather_distributed: bool = True,
-        keywords: list[str] | None = None,
+        keyword_vocabulary: list[str] | None = None,
         keyword_template: str = "{}",
         lr: float = 5e-5,
         weight_decay: float = 0.2,
@@ -111,7 +111,9 @@ class SCLIPModule(L.LightningModule):
         self.save_hyperparameters()
         if model_config_dir:
             register_model_configs(model_config_dir)
-        self.keywords: list[str] | None = list(keywords) if keywords is not None else None
+        self.keywords: list[str] | None = (
+            list(keyword_vocabulary) if keyword_vocabulary is not None else None
+        )
         self.configure_models()
         self.configure_losses()
         self.test_results: list[dict[str, Any]] = []

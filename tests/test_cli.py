@@ -1,0 +1,64 @@
+"""The `sclip` CLI: help, and every config in configs/ through fit + test (fast_dev_run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures import write_rsicd
+
+from sclip_lightning.cli import main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_sclip_help_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "sclip_lightning", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    for cmd in ("fit", "validate", "test", "predict"):
+        assert cmd in out.stdout
+
+
+def test_model_help_documents_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model.help", "SCLIPModule"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for arg in ("--model.objective", "--model.keyword_weighting",
+                "--model.lock_image", "--model.warmup_steps"):
+        assert arg in text
+    assert "Sinkhorn" in text or "sinkhorn" in text
+
+
+def _data_overrides(cfg: Path, tmp_path: Path) -> list[str]:
+    text = cfg.read_text()
+    if "dataset: rsicd" in text:
+        root = write_rsicd(tmp_path / "rsicd", {"train": 60, "val": 8, "test": 8})
+        return [f"--data.init_args.root={root}"]
+    return []
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_fits_and_tests(cfg, tmp_path):
+    common = [
+        "--config", str(cfg),
+        "--model.init_args.model_name=sclip-tiny",
+        "--model.init_args.pretrained=null",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.unpaired_batch_size=4",
+        "--data.init_args.eval_batch_size=16",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32-true",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.init_args.results_dir={tmp_path / 'results'}",
+        *_data_overrides(cfg, tmp_path),
+    ]
+    main(["fit", *common, "--trainer.fast_dev_run=2"])
+    main(["test", *common, "--trainer.fast_dev_run=2"])
+    assert (tmp_path / "results" / "results.md").is_file()
