@@ -1,0 +1,150 @@
+"""Data: label-ratio split, generic loaders, keywords, the DataModule's batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures import write_caption_table, write_class_folder, write_rsicd
+
+from sclip_lightning.data import (
+    RSICD,
+    CaptionTable,
+    ClassFolder,
+    CorruptImageError,
+    ImageFolderUnpaired,
+    KeywordMatcher,
+    RSICDClasses,
+    SCLIPDataModule,
+    clean_class_name,
+    load_keywords,
+    mine_keywords,
+    split_labeled,
+)
+
+
+@pytest.mark.parametrize("n,ratio", [(100, 0.1), (7207, 0.1), (33, 0.5), (10, 1.0)])
+def test_split_is_disjoint_sized_and_seeded(n, ratio):
+    paired, rest = split_labeled(n, ratio, seed=3)
+    assert len(paired) == round(ratio * n) and len(rest) == n - len(paired)
+    assert not set(paired) & set(rest) and set(paired) | set(rest) == set(range(n))
+    assert split_labeled(n, ratio, seed=3) == (paired, rest)
+    if 0 < len(rest):
+        assert split_labeled(n, ratio, seed=4)[0] != paired
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_split_rejects_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="label_ratio"):
+        split_labeled(10, ratio, 0)
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("DenseResidential", "dense residential"), ("dense_residential", "dense residential"),
+     ("baseballField", "baseball field"), ("storage-tanks", "storage tanks")],
+)
+def test_clean_class_name(raw, expected):
+    assert clean_class_name(raw) == expected
+    assert clean_class_name("aGrass", drop_letter_prefix=True) == "grass"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_caption_table_groups_captions(tmp_path, fmt):
+    path = write_caption_table(tmp_path, n=10, fmt=fmt)
+    ds = CaptionTable(path, split="train")
+    assert len(ds) == 6
+    item = ds[0]
+    assert len(item["captions"]) == 2 and item["image"].mode == "RGB"
+    assert len(CaptionTable(path)) == 10
+
+
+def test_caption_table_errors_name_the_problem(tmp_path):
+    path = write_caption_table(tmp_path, n=4)
+    with pytest.raises(KeyError, match="caption_column"):
+        CaptionTable(path, caption_column="text")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,caption\nimages/0.png,\n")
+    with pytest.raises(ValueError, match=r"line 2: empty caption .*images/0.png"):
+        CaptionTable(bad)
+    with pytest.raises(FileNotFoundError, match="Expected layout"):
+        CaptionTable(tmp_path / "missing.csv")
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    path = write_caption_table(tmp_path, n=4)
+    (tmp_path / "images" / "1.png").write_bytes(b"not an image")
+    ds = CaptionTable(path)
+    with pytest.raises(CorruptImageError, match="1.png.*skip_corrupt"):
+        ds[1]
+    skipping = CaptionTable(path, skip_corrupt=True)
+    item = skipping[1]
+    assert item["path"].endswith("2.png") and skipping.skipped == {1}
+
+
+def test_rsicd_and_classes(tmp_path):
+    root = write_rsicd(tmp_path)
+    assert [len(RSICD(root, s)) for s in ("train", "val", "test")] == [24, 8, 8]
+    assert len(RSICD(root, "train")[0]["captions"]) == 5
+    cls = RSICDClasses(root)
+    assert cls.classes == ["airport", "beach", "dense residential", "forest"]
+    assert len(cls) == 40 and len(RSICDClasses(root, split="test")) == 8
+    with pytest.raises(FileNotFoundError, match="dataset_rsicd.json"):
+        RSICD(tmp_path / "nowhere")
+
+
+def test_class_folder_and_unpaired(tmp_path):
+    root = write_class_folder(tmp_path / "c", classes=["aGrass", "bRiver"])
+    ds = ClassFolder(root, drop_letter_prefix=True)
+    assert ds.classes == ["grass", "river"] and len(ds) == 6 and ds[5]["label"] == 1
+    assert len(ImageFolderUnpaired(root)) == 6
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderUnpaired(tmp_path / "c" / "aGrass" / "..", extensions=(".tif",))
+
+
+def test_keyword_matcher_whole_words_and_phrases():
+    m = KeywordMatcher(["parking", "baseball field", "lake"])
+    assert m("Many cars in a PARKING lot").tolist() == [True, False, False]
+    assert m("parkings and lakes").tolist() == [False, False, False]
+    assert m("a baseball field near a lake.").tolist() == [False, True, True]
+    assert KeywordMatcher([])("anything").shape == (0,)
+
+
+def test_keyword_file_and_mining(tmp_path):
+    f = tmp_path / "kw.txt"
+    f.write_text("# comment\nforest\n\nForest\nbare land\n")
+    assert load_keywords(f) == ["forest", "bare land"]
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_keywords(tmp_path / "empty.txt")
+    caps = ["a green forest near a river", "the forest and the river", "green fields"] * 3
+    words = mine_keywords(caps, top_k=4, bigram_min_count=2)
+    assert words[:2] == ["forest", "green"] or words[:2] == ["forest", "river"]
+    assert "the" not in words and "green forest" in mine_keywords(caps, 10, 2)
+
+
+def test_datamodule_batches_and_split(synthetic_root):
+    dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=6, label_ratio=0.1)
+    dm.setup("fit")
+    n = len(dm.train_base)
+    assert len(dm.paired_indices) == round(0.1 * n)
+    assert not set(dm.paired_indices) & set(dm.unpaired_indices)
+    assert len(dm.paired_indices) + len(dm.unpaired_indices) == n
+    loader = dm.train_dataloader()
+    batch, *_ = next(iter(loader))
+    assert batch["paired"]["image"].shape == (8, 3, 32, 32)
+    assert batch["paired"]["text"].shape == (8, 32)
+    assert batch["paired"]["keywords"].shape == (8, len(dm.keyword_list)) == (8, 10)
+    assert batch["paired"]["keywords"].dtype == torch.bool
+    assert batch["unpaired"]["image"].shape == (6, 3, 32, 32)
+    assert set(batch["unpaired"]["index"].tolist()) <= set(dm.unpaired_indices)
+
+
+def test_datamodule_guards(synthetic_root):
+    with pytest.raises(ValueError, match="label_ratio"):
+        SCLIPDataModule(label_ratio=0)
+    with pytest.raises(ValueError, match="unknown data set"):
+        SCLIPDataModule(dataset="nope")
+    dm = SCLIPDataModule(num_workers=0, label_ratio=1.0)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="unpaired set has 0 images"):
+        dm.train_dataloader()
