@@ -14,8 +14,12 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ["airport", "beach", "denseResidential", "forest"]
-WORDS = {"airport": "airport", "beach": "beach", "denseResidential": "dense residential",
-         "forest": "forest"}
+WORDS = {
+    "airport": "airport",
+    "beach": "beach",
+    "denseResidential": "dense residential",
+    "forest": "forest",
+}
 
 
 def _image(path: Path, seed: int, size: int = 24) -> None:
@@ -35,8 +39,14 @@ def write_rsicd(root: Path, per_split: dict[str, int] | None = None) -> Path:
             name = f"{cls.lower()}_{k}.jpg"
             _image(root / "RSICD_images" / name, k)
             caps = [f"many buildings near the {WORDS[cls]} number {j}" for j in range(5)]
-            images.append({"filename": name, "imgid": k, "split": split,
-                           "sentences": [{"raw": c, "tokens": c.split()} for c in caps]})
+            images.append(
+                {
+                    "filename": name,
+                    "imgid": k,
+                    "split": split,
+                    "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
+                }
+            )
             lists[cls].append(name)
             k += 1
     (root / "dataset_rsicd.json").write_text(json.dumps({"images": images, "dataset": "rsicd"}))
@@ -53,17 +63,24 @@ def write_caption_table(root: Path, n: int = 20, fmt: str = "csv") -> Path:
         cls = CLASSES[i % len(CLASSES)]
         _image(root / "images" / f"{i}.png", 1000 + i)
         split = "train" if i < n * 0.6 else ("val" if i < n * 0.8 else "test")
-        rows.append({"image": f"images/{i}.png", "caption": f"a {WORDS[cls]} seen from above",
-                     "split": split})
-        rows.append({"image": f"images/{i}.png", "caption": f"the {WORDS[cls]} at noon",
-                     "split": split})
+        rows.append(
+            {
+                "image": f"images/{i}.png",
+                "caption": f"a {WORDS[cls]} seen from above",
+                "split": split,
+            }
+        )
+        rows.append(
+            {"image": f"images/{i}.png", "caption": f"the {WORDS[cls]} at noon", "split": split}
+        )
     path = root / f"captions.{fmt}"
     if fmt == "jsonl":
         path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     else:
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["image", "caption", "split"],
-                               delimiter="\t" if fmt == "tsv" else ",")
+            w = csv.DictWriter(
+                f, fieldnames=["image", "caption", "split"], delimiter="\t" if fmt == "tsv" else ","
+            )
             w.writeheader()
             w.writerows(rows)
     return path

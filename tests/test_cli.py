@@ -28,8 +28,12 @@ def test_model_help_documents_arguments(capsys):
         main(["fit", "--model.help", "SCLIPModule"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for arg in ("--model.objective", "--model.keyword_weighting",
-                "--model.lock_image", "--model.warmup_steps"):
+    for arg in (
+        "--model.objective",
+        "--model.keyword_weighting",
+        "--model.lock_image",
+        "--model.warmup_steps",
+    ):
         assert arg in text
     assert "Sinkhorn" in text or "sinkhorn" in text
 
@@ -45,7 +49,8 @@ def _data_overrides(cfg: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_fits_and_tests(cfg, tmp_path):
     common = [
-        "--config", str(cfg),
+        "--config",
+        str(cfg),
         "--model.init_args.model_name=sclip-tiny",
         "--model.init_args.pretrained=null",
         "--data.init_args.num_workers=0",

@@ -16,8 +16,9 @@ def fixed_batch(module: SCLIPModule, bp=8, bu=8, k=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     size = module.model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
-    tokens = module.tokenizer([f"caption number {i} about {['lake', 'forest'][i % 2]}"
-                               for i in range(bp)])
+    tokens = module.tokenizer(
+        [f"caption number {i} about {['lake', 'forest'][i % 2]}" for i in range(bp)]
+    )
     return {
         "paired": {
             "image": torch.randn(bp, 3, size, size, generator=g),
@@ -83,9 +84,15 @@ def test_optimizer_groups_and_logit_scale_clamp(synthetic_root):
     L.seed_everything(0)
     dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8)
     m = SCLIPModule(model_name="sclip-tiny", lr=1.0, warmup_steps=2)  # huge lr: scale explodes
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(m, dm)
     assert float(m.model.logit_scale) <= math.log(100) + 1e-6
     opt = trainer.optimizers[0]
@@ -102,9 +109,15 @@ def test_optimizer_groups_and_logit_scale_clamp(synthetic_root):
 def test_lr_schedule_warmup_then_cosine(synthetic_root):
     dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8)
     m = SCLIPModule(model_name="sclip-tiny", lr=0.1, warmup_steps=4)
-    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     lrs = []
 
     class Rec(L.Callback):
@@ -159,7 +172,9 @@ def test_chunked_retrieval_recall_matches_naive(max_elements):
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(13, 8, generator=g), dim=-1)
     owner = torch.repeat_interleave(torch.arange(13), torch.randint(1, 5, (13,), generator=g))
-    txt = torch.nn.functional.normalize(img[owner] + 0.8 * torch.randn(len(owner), 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(
+        img[owner] + 0.8 * torch.randn(len(owner), 8, generator=g), dim=-1
+    )
     got = retrieval_recall(img, txt, owner, ks=(1, 5), max_elements=max_elements)
     for k in (1, 5):
         i2t, t2i = naive_recall(img, txt, owner, k)

@@ -16,12 +16,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+#: demo rows: a name and the SCLIPModule arguments that define it
+VARIANTS: dict[str, dict[str, Any]] = {
+    "clip": {"method": "clip"},
+    "sclip": {"method": "sclip"},
+    "sclip-softpl": {"method": "sclip", "assigner": "soft_nn"},
+    "sclip-hardpl": {"method": "sclip", "assigner": "hard_nn"},
+}
 METRICS = ["top1", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
 LABELS = {"top1": "zero-shot top-1"}
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    """Train one method with one seed; return its test metrics."""
+def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """Train one variant with one seed; return its test metrics."""
     import lightning as L
 
     from sclip_lightning import SCLIPDataModule, SCLIPModule
@@ -40,12 +47,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, float
     )
     module = SCLIPModule(
         model_name=args.model,
-        method=method,
         lr=args.lr,
         weight_decay=0.2,
         warmup_steps=args.warmup,
-        results_dir=str(args.out / "runs" / f"{method}-seed{seed}"),
-        **args.module_overrides,
+        results_dir=str(args.out / "runs" / f"{variant}-seed{seed}"),
+        **{**VARIANTS[variant], **args.module_overrides},
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -80,7 +86,7 @@ def summarise(runs: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--methods", nargs="+", default=["clip", "sclip"])
+    p.add_argument("--methods", nargs="+", default=["clip", "sclip"], choices=sorted(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--root", default=None, help="synthetic domain folder (default: cache)")
     p.add_argument("--model", default="sclip-tiny-rn")
@@ -148,8 +154,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.out / "demo.png",
         title=f"CLIP vs S-CLIP, synthetic aerial, {args.label_ratio:.0%} pairs",
     )
-    print(f"written: {args.out / 'demo.md'}, {args.out / 'demo.csv'}, {chart} "
-          f"(total {time.time() - t0:.0f}s)")
+    print(
+        f"written: {args.out / 'demo.md'}, {args.out / 'demo.csv'}, {chart} "
+        f"(total {time.time() - t0:.0f}s)"
+    )
     return rows
 
 

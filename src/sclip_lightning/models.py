@@ -53,7 +53,9 @@ def build_transforms(model_name: str, is_train: bool, image_size: int | None = N
     """open_clip preprocessing for ``model_name`` (the config's ``preprocess_cfg`` honoured)."""
     cfg = model_config(model_name)
     size = image_size or cfg["vision_cfg"].get("image_size", 224)
-    pp = {k: v for k, v in cfg.get("preprocess_cfg", {}).items() if k in PreprocessCfg.__annotations__}
+    pp = {
+        k: v for k, v in cfg.get("preprocess_cfg", {}).items() if k in PreprocessCfg.__annotations__
+    }
     pp["size"] = size
     return image_transform_v2(PreprocessCfg(**pp), is_train=is_train)
 
@@ -73,8 +75,12 @@ def build_model(
     model_config(model_name)
     if pretrained:
         p = Path(pretrained).expanduser()
-        looks_like_path = (
-            "/" in pretrained or p.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+        looks_like_path = "/" in pretrained or p.suffix in (
+            ".pt",
+            ".pth",
+            ".bin",
+            ".safetensors",
+            ".ckpt",
         )
         if looks_like_path and not pretrained.startswith("hf-hub:") and not p.is_file():
             raise FileNotFoundError(

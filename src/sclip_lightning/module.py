@@ -55,9 +55,18 @@ class SCLIPModule(L.LightningModule):
             the default encodes paired and unpaired images in one call (faster; differs only
             for BatchNorm towers).
         max_logit_scale: ``s`` is clamped to this after every step (open_clip: 100).
+        pseudo_label_warmup_steps: ramp the caption and keyword loss weights linearly from
+            0 to their value over this many optimiser steps (release and paper: 0, full
+            weight from the first step). Pseudo-labels of a randomly initialised model are
+            noise; a ramp is the usual semi-supervised remedy when training from scratch.
         eval_max_elements: similarity-block budget for retrieval evaluation.
         results_dir: where ``test`` writes results.{md,csv,json} (default: the logger's dir).
     """
+
+    @property
+    def _hp(self) -> Any:
+        """``self.hparams`` (typed loosely for mypy)."""
+        return self.hparams
 
     def __init__(
         self,
@@ -94,6 +103,7 @@ class SCLIPModule(L.LightningModule):
         lock_text_unlocked_layers: int = 0,
         encode_unpaired_separately: bool = False,
         max_logit_scale: float = 100.0,
+        pseudo_label_warmup_steps: int = 0,
         eval_max_elements: int = 1 << 24,
         results_dir: str | None = None,
     ) -> None:
@@ -104,6 +114,10 @@ class SCLIPModule(L.LightningModule):
             raise ValueError(f"objective must be one of {sorted(PRESETS)}, got {objective!r}")
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        if pseudo_label_warmup_steps < 0:
+            raise ValueError(
+                f"pseudo_label_warmup_steps must be >= 0, got {pseudo_label_warmup_steps}"
+            )
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if "{}" not in keyword_template:
@@ -121,7 +135,7 @@ class SCLIPModule(L.LightningModule):
     # ------------------------------------------------------------------ hooks
     def configure_models(self) -> None:
         """Build ``self.model`` (open_clip) and ``self.tokenizer``; apply tower locking."""
-        hp = self.hparams
+        hp: Any = self.hparams
         self.model = build_model(hp.model_name, hp.pretrained, hp.image_size)
         self.tokenizer = build_tokenizer(hp.model_name)
         if hp.lock_image:
@@ -131,7 +145,7 @@ class SCLIPModule(L.LightningModule):
 
     def loss_options(self) -> dict[str, Any]:
         """The :class:`SCLIPLoss` options: the preset with this module's overrides."""
-        hp = self.hparams
+        hp: Any = self.hparams
         opts = dict(PRESETS[hp.objective].options)
         for name in opts:
             if hp.get(name) is not None:
@@ -149,7 +163,7 @@ class SCLIPModule(L.LightningModule):
     def uses_unpaired(self) -> bool:
         """Whether training consumes unpaired images (False for the CLIP baseline)."""
         c = self.criterion
-        return self.hparams.method == "sclip" and (
+        return self._hp.method == "sclip" and (
             c.caption_weight > 0 or c.keyword_weight > 0 or c.unpaired_negatives
         )
 
@@ -177,7 +191,7 @@ class SCLIPModule(L.LightningModule):
         unpaired_feats = None
         if unpaired is None:
             image_feats = self.encode_images(paired["image"])
-        elif self.hparams.encode_unpaired_separately:
+        elif self._hp.encode_unpaired_separately:
             image_feats = self.encode_images(paired["image"])
             unpaired_feats = self.encode_images(unpaired["image"])
         else:
@@ -186,7 +200,7 @@ class SCLIPModule(L.LightningModule):
         text_feats = self.encode_texts(paired["text"])
         keyword_feats = candidates = None
         if unpaired is not None and self.uses_keywords:
-            keyword_feats = self.encode_texts(self.keyword_tokens)
+            keyword_feats = self.encode_texts(self.get_buffer("keyword_tokens"))
             candidates = paired["keywords"]
             if candidates.shape[-1] != keyword_feats.shape[0]:
                 raise ValueError(
@@ -210,12 +224,15 @@ class SCLIPModule(L.LightningModule):
             if hasattr(dm, "setup") and not getattr(dm, "_prepared", True):
                 dm.setup(stage)
             self.keywords = list(getattr(dm, "keyword_list", []) or [])
-        words = [self.hparams.keyword_template.format(k) for k in (self.keywords or [])]
+        words = [self._hp.keyword_template.format(k) for k in (self.keywords or [])]
         tokens = self.tokenizer(words) if words else torch.zeros(0, 1, dtype=torch.long)
         self.register_buffer("keyword_tokens", tokens.to(self.device), persistent=False)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
+        ramp = self.pseudo_label_ramp()
+        if ramp < 1.0:
+            losses = {k: v if k == "contrastive_loss" else v * ramp for k, v in losses.items()}
         total = sum(losses.values())
         bs = batch["paired"]["image"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
@@ -223,19 +240,35 @@ class SCLIPModule(L.LightningModule):
         self.log("train/logit_scale", self.logit_scale().detach(), prog_bar=True, batch_size=bs)
         return total  # type: ignore[return-value]
 
+    def pseudo_label_ramp(self) -> float:
+        """Factor on the caption and keyword losses at the current step (1 after the ramp)."""
+        n = self._hp.pseudo_label_warmup_steps
+        if n <= 0 or self._trainer is None:
+            return 1.0
+        return min(1.0, self.trainer.global_step / n)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(self.hparams.max_logit_scale))
+            self.model.logit_scale.clamp_(0, math.log(self._hp.max_logit_scale))
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp: Any = self.hparams
 
         def no_decay(name: str, p: torch.Tensor) -> bool:
-            return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+            return (
+                p.ndim < 2
+                or "bn" in name
+                or "ln" in name
+                or "bias" in name
+                or "logit_scale" in name
+            )
 
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": hp.weight_decay},
+            {
+                "params": [p for n, p in params if not no_decay(n, p)],
+                "weight_decay": hp.weight_decay,
+            },
             {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
         ]
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
@@ -255,7 +288,7 @@ class SCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------- evaluation
     def _specs(self, stage: str):
-        dm = self.trainer.datamodule
+        dm = getattr(self.trainer, "datamodule", None)
         return dm.eval_specs(stage) if dm is not None and hasattr(dm, "eval_specs") else []
 
     def _start_eval(self, stage: str) -> None:
@@ -291,7 +324,9 @@ class SCLIPModule(L.LightningModule):
             top5.update(logits, batch["label"])
             return
         text_feats = self.encode_texts(batch["text"]).float()
-        store = self._store.setdefault(dataloader_idx, {"img": [], "idx": [], "txt": [], "owner": []})
+        store = self._store.setdefault(
+            dataloader_idx, {"img": [], "idx": [], "txt": [], "owner": []}
+        )
         store["img"].append(image_feats.cpu())
         store["idx"].append(batch["index"].cpu())
         store["txt"].append(text_feats.cpu())
@@ -302,8 +337,12 @@ class SCLIPModule(L.LightningModule):
         for i, spec in enumerate(self._specs_now):
             if spec.kind == "zeroshot":
                 top1, top5 = self._acc[i]
-                row = {"dataset": spec.name, "task": "zero-shot",
-                       "top1": 100 * top1.compute().item(), "top5": 100 * top5.compute().item()}
+                row = {
+                    "dataset": spec.name,
+                    "task": "zero-shot",
+                    "top1": 100 * top1.compute().item(),
+                    "top5": 100 * top5.compute().item(),
+                }
             else:
                 row = {"dataset": spec.name, "task": "retrieval", **self._retrieval(i)}
             rows.append(row)
@@ -312,7 +351,9 @@ class SCLIPModule(L.LightningModule):
                     self.log(f"{stage}/{spec.name}/{k}", v, sync_dist=False, batch_size=1)
         means = [r["mean_R"] for r in rows if "mean_R" in r]
         if means:
-            self.log(f"{stage}/retrieval_mean", sum(means) / len(means), prog_bar=True, batch_size=1)
+            self.log(
+                f"{stage}/retrieval_mean", sum(means) / len(means), prog_bar=True, batch_size=1
+            )
         tops = [r["top1"] for r in rows if "top1" in r]
         if tops:
             self.log(f"{stage}/zeroshot_top1", sum(tops) / len(tops), prog_bar=True, batch_size=1)
@@ -337,13 +378,15 @@ class SCLIPModule(L.LightningModule):
         txt, owner = parts["txt"][keep], pos[parts["owner"][keep]]
         dev = self.device
         return retrieval_recall(
-            img.to(dev), txt.to(dev), owner.to(dev), max_elements=self.hparams.eval_max_elements
+            img.to(dev), txt.to(dev), owner.to(dev), max_elements=self._hp.eval_max_elements
         )
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval("val")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
@@ -359,7 +402,7 @@ class SCLIPModule(L.LightningModule):
         rows = self._finish_eval("test")
         self.test_results = rows
         if self.trainer.is_global_zero and rows:
-            out = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
+            out = self._hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
             paths = write_results(rows, Path(out))
             print("\n" + markdown_table(rows) + f"\n(written to {paths['md'].parent})")
 

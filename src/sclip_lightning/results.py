@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,8 @@ def write_results(
 
 def bar_chart(
     groups: Sequence[str],
-    series: dict[str, Sequence[float]],
-    errors: dict[str, Sequence[float]] | None,
+    series: Mapping[str, Sequence[float]],
+    errors: Mapping[str, Sequence[float]] | None,
     path: str | Path,
     title: str = "",
     ylabel: str = "%",
@@ -61,8 +61,9 @@ def bar_chart(
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 2), 4), dpi=120)
     for i, (name, vals) in enumerate(series.items()):
         err = errors.get(name) if errors else None
-        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, yerr=err,
-                      capsize=3, label=name)
+        bars = ax.bar(
+            x + (i - (len(series) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=name
+        )
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(x, groups, rotation=20, ha="right")
     ax.set_ylabel(ylabel)

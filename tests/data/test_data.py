@@ -28,7 +28,7 @@ def test_split_is_disjoint_sized_and_seeded(n, ratio):
     assert len(paired) == round(ratio * n) and len(rest) == n - len(paired)
     assert not set(paired) & set(rest) and set(paired) | set(rest) == set(range(n))
     assert split_labeled(n, ratio, seed=3) == (paired, rest)
-    if 0 < len(rest):
+    if len(rest) > 0:
         assert split_labeled(n, ratio, seed=4)[0] != paired
 
 
@@ -40,8 +40,12 @@ def test_split_rejects_bad_ratio(ratio):
 
 @pytest.mark.parametrize(
     "raw,expected",
-    [("DenseResidential", "dense residential"), ("dense_residential", "dense residential"),
-     ("baseballField", "baseball field"), ("storage-tanks", "storage tanks")],
+    [
+        ("DenseResidential", "dense residential"),
+        ("dense_residential", "dense residential"),
+        ("baseballField", "baseball field"),
+        ("storage-tanks", "storage tanks"),
+    ],
 )
 def test_clean_class_name(raw, expected):
     assert clean_class_name(raw) == expected

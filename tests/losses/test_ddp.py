@@ -39,7 +39,13 @@ class Towers(torch.nn.Module):
 
     def forward(self, x, y, u, k):
         n = lambda t: F.normalize(t, dim=-1)  # noqa: E731
-        return n(self.img(x)), n(self.txt(y)), n(self.img(u)), n(self.txt(k)), self.logit_scale.exp()
+        return (
+            n(self.img(x)),
+            n(self.txt(y)),
+            n(self.img(u)),
+            n(self.txt(k)),
+            self.logit_scale.exp(),
+        )
 
 
 def loss_of(preset, towers, inp, gather):
@@ -65,7 +71,10 @@ def _worker(rank, world, init_file, preset, out_file):
     loss.backward()
     if rank == 0:
         torch.save(
-            {"loss": loss.detach(), "grads": {n: p.grad for n, p in towers.module.named_parameters()}},
+            {
+                "loss": loss.detach(),
+                "grads": {n: p.grad for n, p in towers.module.named_parameters()},
+            },
             out_file,
         )
     dist.barrier()

@@ -266,8 +266,13 @@ def test_low_precision_inputs_and_autocast(dtype, name):
         out = CONFIGS[name]()(params[0], params[1], scale, params[2], params[3], cand)
     assert all(v.dtype == torch.float32 for v in out.values())
     _check_finite(out, [*params, scale])
-    ref = CONFIGS[name]()(*(p.detach().float() for p in params[:2]), scale.detach(),
-                          params[2].detach().float(), params[3].detach().float(), cand)
+    ref = CONFIGS[name]()(
+        *(p.detach().float() for p in params[:2]),
+        scale.detach(),
+        params[2].detach().float(),
+        params[3].detach().float(),
+        cand,
+    )
     for key in out:
         torch.testing.assert_close(out[key].detach(), ref[key], atol=1e-4, rtol=1e-4)
 

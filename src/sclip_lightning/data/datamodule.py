@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from sclip_lightning.data import registry
 from sclip_lightning.data.keywords import KeywordMatcher, load_keywords, mine_keywords
@@ -170,6 +170,11 @@ class SCLIPDataModule(L.LightningDataModule):
         dataset_kwargs: extra keyword arguments for the paired source (e.g. table columns).
     """
 
+    @property
+    def _hp(self) -> Any:
+        """``self.hparams`` (typed loosely for mypy)."""
+        return self.hparams
+
     def __init__(
         self,
         dataset: str = "synthetic",
@@ -205,7 +210,9 @@ class SCLIPDataModule(L.LightningDataModule):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if caption_sampling not in ("random", "first"):
-            raise ValueError(f"caption_sampling must be 'random' or 'first', got {caption_sampling!r}")
+            raise ValueError(
+                f"caption_sampling must be 'random' or 'first', got {caption_sampling!r}"
+            )
         registry.get_source(dataset)
         if unpaired_dataset is not None:
             registry.get_source(unpaired_dataset)
@@ -215,15 +222,15 @@ class SCLIPDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
-        registry.resolve_root(self.hparams.dataset, self.hparams.root)
+        registry.resolve_root(self._hp.dataset, self._hp.root)
 
     def _kw(self) -> dict[str, Any]:
-        return {"skip_corrupt": self.hparams.skip_corrupt, **(self.hparams.dataset_kwargs or {})}
+        return {"skip_corrupt": self._hp.skip_corrupt, **(self._hp.dataset_kwargs or {})}
 
     def setup(self, stage: str | None = None) -> None:
         if self._prepared:
             return
-        hp = self.hparams
+        hp: Any = self.hparams
         self.root = registry.resolve_root(hp.dataset, hp.root)
         self.source = registry.get_source(hp.dataset)
         self.tokenizer = build_tokenizer(hp.model_name)
@@ -233,7 +240,7 @@ class SCLIPDataModule(L.LightningDataModule):
         self._prepared = True
 
     def _setup_train(self) -> None:
-        hp = self.hparams
+        hp: Any = self.hparams
         self.train_base = registry.build_captioned(hp.dataset, self.root, "train", **self._kw())
         n = len(self.train_base)
         self.paired_indices, rest = split_labeled(n, hp.label_ratio, hp.split_seed)
@@ -268,7 +275,7 @@ class SCLIPDataModule(L.LightningDataModule):
         )
 
     def _keywords(self) -> list[str]:
-        spec = self.hparams.keywords
+        spec = self._hp.keywords
         if spec is None:
             return []
         if spec == "default":
@@ -278,12 +285,12 @@ class SCLIPDataModule(L.LightningDataModule):
             return load_keywords(path) if path is not None else []
         if spec == "mine":
             caps = [c for i in self.paired_indices for c in self.train_base.captions[i]]
-            return mine_keywords(caps, top_k=self.hparams.num_keywords)
+            return mine_keywords(caps, top_k=self._hp.num_keywords)
         return load_keywords(spec)
 
     # ------------------------------------------------------------ loaders
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, drop_last: bool, **kw):
-        nw = self.hparams.num_workers
+        nw = self._hp.num_workers
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -302,14 +309,14 @@ class SCLIPDataModule(L.LightningDataModule):
             self.train_transform,
             self.tokenizer,
             self.matcher,
-            self.hparams.caption_sampling,
+            self._hp.caption_sampling,
         )
 
     def unpaired_train_set(self) -> UnpairedTrainSet:
         return UnpairedTrainSet(self.unpaired_base, self.unpaired_indices, self.train_transform)
 
     def train_dataloader(self) -> CombinedLoader:
-        hp = self.hparams
+        hp: Any = self.hparams
         paired = self.paired_train_set()
         if len(paired) < hp.batch_size:
             raise ValueError(
@@ -331,7 +338,7 @@ class SCLIPDataModule(L.LightningDataModule):
         return CombinedLoader(loaders, mode=hp.combined_mode)
 
     def _eval_entries(self, kind: str, split: str) -> list[tuple[str, str, Path]]:
-        hp = self.hparams
+        hp: Any = self.hparams
         given = hp.zeroshot if kind == "zeroshot" else hp.retrieval
         if given is None:
             src = self.source
@@ -345,7 +352,7 @@ class SCLIPDataModule(L.LightningDataModule):
         return out
 
     def _eval(self, split: str, kinds: tuple[str, ...]) -> tuple[list[DataLoader], list[EvalSpec]]:
-        hp = self.hparams
+        hp: Any = self.hparams
         loaders, specs = [], []
         for kind in kinds:
             for name, label, root in self._eval_entries(kind, split):
@@ -354,25 +361,31 @@ class SCLIPDataModule(L.LightningDataModule):
                     base = registry.build_classes(name, root, split, skip_corrupt=hp.skip_corrupt)
                     templates = hp.templates or source.templates
                     loaders.append(
-                        self._loader(ZeroShotSet(base, self.eval_transform), hp.eval_batch_size, False, False)
+                        self._loader(
+                            ZeroShotSet(base, self.eval_transform), hp.eval_batch_size, False, False
+                        )
                     )
                     specs.append(EvalSpec(f"{label}/{split}", kind, list(base.classes), templates))
                 else:
                     kw = self._kw() if name == hp.dataset else {"skip_corrupt": hp.skip_corrupt}
                     base = registry.build_captioned(name, root, split, **kw)
-                    rs = RetrievalSet(base, self.eval_transform, self.tokenizer, hp.retrieval_protocol)
+                    rs = RetrievalSet(
+                        base, self.eval_transform, self.tokenizer, hp.retrieval_protocol
+                    )
                     loaders.append(
-                        self._loader(rs, hp.eval_batch_size, False, False, collate_fn=collate_retrieval)
+                        self._loader(
+                            rs, hp.eval_batch_size, False, False, collate_fn=collate_retrieval
+                        )
                     )
                     specs.append(EvalSpec(f"{label}/{split}", kind))
         return loaders, specs
 
     def val_dataloader(self) -> list[DataLoader]:
-        loaders, self.val_specs = self._eval(self.hparams.val_split, ("retrieval",))
+        loaders, self.val_specs = self._eval(self._hp.val_split, ("retrieval",))
         return loaders
 
     def test_dataloader(self) -> list[DataLoader]:
-        loaders, self.test_specs = self._eval(self.hparams.test_split, ("zeroshot", "retrieval"))
+        loaders, self.test_specs = self._eval(self._hp.test_split, ("zeroshot", "retrieval"))
         return loaders
 
     def eval_specs(self, stage: str) -> list[EvalSpec]:

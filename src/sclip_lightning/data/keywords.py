@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,8 +114,8 @@ class KeywordMatcher:
 
     def __init__(self, keywords: Sequence[str]) -> None:
         self.keywords = list(keywords)
-        self._nlp = None
-        self._matcher = None
+        self._nlp: Any = None
+        self._matcher: Any = None
 
     def __len__(self) -> int:
         return len(self.keywords)

@@ -105,21 +105,21 @@ def resolve_root(name: str, root: str | None) -> Path:
     return src.resolve_root(root) if src.resolve_root else _need_root(root)
 
 
-def build_captioned(name: str, root: Path, split: str | None, **kwargs: Any) -> Dataset:
+def build_captioned(name: str, root: Path, split: str | None, **kwargs: Any) -> Any:
     src = get_source(name)
     if src.captioned is None:
         raise ValueError(f"data set {name!r} has no captions; use it as unpaired or zero-shot")
     return src.captioned(root, split, **kwargs)
 
 
-def build_classes(name: str, root: Path, split: str | None, **kwargs: Any) -> Dataset:
+def build_classes(name: str, root: Path, split: str | None, **kwargs: Any) -> Any:
     src = get_source(name)
     if src.classes is None:
         raise ValueError(f"data set {name!r} has no class labels; it cannot be used for zero-shot")
     return src.classes(root, split, **kwargs)
 
 
-def build_unpaired(name: str, root: Path, **kwargs: Any) -> Dataset:
+def build_unpaired(name: str, root: Path, **kwargs: Any) -> Any:
     src = get_source(name)
     if src.unpaired is not None:
         return src.unpaired(root, **kwargs)

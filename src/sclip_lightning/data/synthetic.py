@@ -143,7 +143,7 @@ def render(label: int, rng: np.random.Generator, size: int = 32) -> tuple[np.nda
     """Render one scene of class ``label``: (H, W, 3) uint8 and its attributes."""
     s = size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-    img = np.zeros((s, s, 3), np.float32)
+    img: np.ndarray = np.zeros((s, s, 3), np.float32)
     season = rng.uniform(-1, 1)  # shifts vegetation from green to brown
     veg = np.array([0.25 + 0.2 * max(season, 0), 0.5 - 0.15 * abs(season), 0.2])
     attrs: dict = {"density": rng.choice(["few", "some", "many"]), "context": None}
@@ -253,7 +253,14 @@ def captions_for(label: int, attrs: dict, rng: np.random.Generator, n: int) -> l
     for _ in range(n):
         subject = name if rng.random() < 0.5 else str(rng.choice(_SYNONYMS[name]))
         article = "" if subject.startswith(("a ", "many", "rows", "the", "cars")) else "a "
-        if subject in ("bare sand", "dunes", "dry sand", "large factories", "big warehouses", "dense woods"):
+        if subject in (
+            "bare sand",
+            "dunes",
+            "dry sand",
+            "large factories",
+            "big warehouses",
+            "dense woods",
+        ):
             article = ""
         if subject in ("plants", "small homes", "sand along the sea", "flowing water"):
             article = ""

@@ -34,7 +34,9 @@ def contrastive_loss(
     if unpaired_features is not None and unpaired_features.shape[0] > 0:
         candidates = torch.cat([image_features, unpaired_features], dim=0)
     logits_per_text = logit_scale * text_features @ candidates.T
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
 
 
 class ContrastiveLoss(nn.Module):

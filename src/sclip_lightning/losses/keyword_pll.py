@@ -66,9 +66,7 @@ class KeywordPLLLoss(nn.Module):
     def __init__(self, weighting: str = "softmax", empty_rows_in_mean: bool = False) -> None:
         super().__init__()
         if weighting not in KEYWORD_WEIGHTINGS:
-            raise ValueError(
-                f"weighting must be one of {KEYWORD_WEIGHTINGS}, got {weighting!r}"
-            )
+            raise ValueError(f"weighting must be one of {KEYWORD_WEIGHTINGS}, got {weighting!r}")
         self.weighting = weighting
         self.empty_rows_in_mean = empty_rows_in_mean
 
@@ -81,10 +79,10 @@ class KeywordPLLLoss(nn.Module):
         logit_scale: torch.Tensor | float,
     ) -> torch.Tensor:
         """Args:
-            unpaired_features: (B_u, D). keyword_features: (K, D).
-            paired_candidates: (B_p, K) bool, keyword k occurs in paired caption i.
-            plan: (B_u, B_p) assignment; its row argmax picks the candidate set.
-            logit_scale: scalar ``s``.
+        unpaired_features: (B_u, D). keyword_features: (K, D).
+        paired_candidates: (B_p, K) bool, keyword k occurs in paired caption i.
+        plan: (B_u, B_p) assignment; its row argmax picks the candidate set.
+        logit_scale: scalar ``s``.
         """
         nearest = plan.detach().argmax(dim=-1)
         candidates = paired_candidates[nearest]

@@ -188,9 +188,7 @@ class SCLIPLoss(nn.Module):
         has_unpaired = unpaired is not None and unpaired.shape[0] > 0
         out = {
             "contrastive_loss": self.contrastive_weight
-            * contrastive_loss(
-                image, text, scale, unpaired if self.unpaired_negatives else None
-            ),
+            * contrastive_loss(image, text, scale, unpaired if self.unpaired_negatives else None),
             "caption_loss": zero,
             "keyword_loss": zero,
         }

@@ -1,0 +1,97 @@
+"""Loss benchmark: SCLIPLoss forward+backward time as a ratio to baselines in the same run.
+
+For B_p = B_u in {32, 128, 512, 1024}, D = 512, K = 45 it times
+  - open_clip's ClipLoss on the paired batch (what plain CLIP pays),
+  - SCLIPLoss recommended (log-domain OT, detached plan, softmax keyword weights),
+  - SCLIPLoss released (POT-order Sinkhorn in float64, plan not detached),
+  - the loop-form reimplementation of the release (bench/release_reference.py: POT call and a
+    Python loop over unpaired images), skipped above --max-loop-b,
+and prints medians and the ratios. Usage: python bench/loss.py [--sizes 32 128] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from release_reference import release_loss  # noqa: E402
+
+from sclip_lightning.losses import SCLIPLoss  # noqa: E402
+
+
+def inputs(b, d, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda n: F.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_(True)  # noqa: E731
+    cand = torch.rand(b, k, generator=g) < 0.1
+    return mk(b), mk(b), mk(b), mk(k), cand, torch.tensor(30.0, requires_grad=True)
+
+
+def timeit(fn, reps):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 128, 512, 1024])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--keywords", type=int, default=45)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-loop-b", type=int, default=1024)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from open_clip import ClipLoss
+
+    clip = ClipLoss()
+    rec, rel = SCLIPLoss(), SCLIPLoss.as_released()
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, D={args.dim}, "
+        f"K={args.keywords}, forward+backward, median of {args.reps}"
+    )
+    header = (
+        f"{'B':>6} {'ClipLoss ms':>12} {'recommended ms':>15} {'released ms':>12} "
+        f"{'loop ms':>10} {'rec/Clip':>9} {'rel/Clip':>9} {'loop/rec':>9} {'loop/rel':>9}"
+    )
+    print(header)
+    for b in args.sizes:
+        x, y, u, k, cand, s = inputs(b, args.dim, args.keywords)
+
+        def run_clip():
+            clip(x, y, s).backward()
+
+        def run(loss):
+            def f():
+                sum(loss(x, y, s, u, k, cand).values()).backward()
+
+            return f
+
+        def run_loop():
+            sum(release_loss(x, y, s, u, k, cand).values()).backward()
+
+        t_clip = timeit(run_clip, args.reps)
+        t_rec = timeit(run(rec), args.reps)
+        t_rel = timeit(run(rel), args.reps)
+        t_loop = timeit(run_loop, max(1, args.reps // 2)) if b <= args.max_loop_b else float("nan")
+        print(
+            f"{b:>6} {1e3 * t_clip:>12.2f} {1e3 * t_rec:>15.2f} {1e3 * t_rel:>12.2f} "
+            f"{1e3 * t_loop:>10.1f} {t_rec / t_clip:>9.2f} {t_rel / t_clip:>9.2f} "
+            f"{t_loop / t_rec:>9.1f} {t_loop / t_rel:>9.1f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
