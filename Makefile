@@ -11,7 +11,6 @@ export PYTHONHASHSEED := 0
 
 install:  ## create .venv and install the package with dev + offline extras
 	$(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e ".[dev,offline]"
 	@$(PYTHON) -c "import sclip_lightning, lightning, open_clip, ot; print('sclip_lightning', sclip_lightning.__version__, 'installed')"
 

@@ -94,9 +94,117 @@ def write_class_folder(root: Path, per_class: int = 3, classes=None) -> Path:
     return root
 
 
+def write_karpathy(root: Path, per_split: dict[str, int] | None = None) -> Path:
+    """UCM-captions / Sydney-captions: dataset.json (Karpathy style) + images/."""
+    per_split = per_split or {"train": 6, "val": 2, "test": 2}
+    images, k = [], 0
+    for split, n in per_split.items():
+        for _ in range(n):
+            name = f"{k + 1}.tif"
+            _image(root / "images" / name, 3000 + k)
+            caps = [f"there is a {WORDS[CLASSES[k % 4]]} here {j}" for j in range(5)]
+            images.append(
+                {
+                    "filename": name,
+                    "imgid": k,
+                    "split": split,
+                    "sentences": [{"raw": c} for c in caps],
+                }
+            )
+            k += 1
+    (root / "dataset.json").write_text(json.dumps({"images": images}))
+    return root
+
+
+FASHION_CATS = ("dress", "jacket", "pants", "skirt", "top")
+
+
+def write_fashion200k(root: Path, items_per_cat: int = 2, missing: int = 1) -> Path:
+    """Fashion200k: <cat>_<split>_detect_all.txt (path TAB score TAB sentence) + women/..."""
+    k = 0
+    for split in ("train", "test"):
+        for cat in FASHION_CATS:
+            lines = []
+            for i in range(items_per_cat):
+                item = f"{cat}{split}{i}"
+                for j in range(2):  # two images per product
+                    rel = f"women/{cat}s/casual_{cat}s/{item}/{item}_{j}.jpeg"
+                    _image(root / rel, 4000 + k)
+                    k += 1
+                    lines.append(f"{rel}\t0.9\t{'blue' if i % 2 else 'red'} cotton {cat}")
+            for m in range(missing):
+                lines.append(f"women/{cat}s/casual_{cat}s/gone{m}/gone{m}_0.jpeg\t0.5\tlost {cat}")
+            (root / f"{cat}_{split}_detect_all.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_fashiongen(root: Path, n: int = 6) -> Path:
+    """FashionGen: fashiongen_256_256_{train,validation}.hdf5 with the release's fields."""
+    import h5py
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for split in ("train", "validation"):
+        with h5py.File(root / f"fashiongen_256_256_{split}.hdf5", "w") as f:
+            f["input_image"] = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+            f["input_productID"] = np.array([[i // 2] for i in range(n)])
+            f["input_name"] = np.array([[f"Shirt {i // 2}".encode("latin-1")] for i in range(n)])
+            f["input_description"] = np.array([[b"Soft caf\xe9 cotton."] for _ in range(n)])
+            f["input_category"] = np.array([[[b"TOPS", b"JEANS"][i % 2]] for i in range(n)])
+            f["input_subcategory"] = np.array([[[b"SHIRTS", b"SLIM"][i % 2]] for i in range(n)])
+            f["index"] = np.arange(n)
+    return root
+
+
+def write_polyvore(root: Path, n: int = 4) -> Path:
+    """Polyvore Outfits: {split}_info.json + images/ + polyvore_item_metadata.json."""
+    meta = {}
+    for split in ("train", "valid", "test"):
+        recs = []
+        for i in range(n):
+            iid = f"{split}{i}"
+            _image(root / "images" / f"{iid}.jpg", 5000 + i + 10 * len(split))
+            recs.append(
+                {
+                    "images": f"{iid}.jpg",
+                    "id": iid,
+                    "title": f"{['tops', 'shoes'][i % 2]} item",
+                    "description": "nice",
+                    "attributes_id": [],
+                }
+            )
+            meta[iid] = {"semantic_category": ["tops", "shoes"][i % 2]}
+        (root / f"{split}_info.json").write_text(json.dumps(recs))
+    (root / "polyvore_item_metadata.json").write_text(json.dumps(meta))
+    return root
+
+
+def write_scicap(root: Path, n: int = 4) -> Path:
+    """SciCap: SciCap-No-Subfig-Img/<split>/<id>.png + SciCap-Caption-All/<split>/<id>.json."""
+    for split in ("train", "val", "test"):
+        for i in range(n):
+            fid = f"{split}-{i}"
+            sub = i == n - 1  # the last one has sub-figures: skipped
+            if not sub:
+                _image(root / "SciCap-No-Subfig-Img" / split / f"{fid}.png", 6000 + i)
+            cap = {
+                "contains-subfigure": sub,
+                "0-originally-extracted": f"Figure {i}: accuracy " * 20,
+            }
+            d = root / "SciCap-Caption-All" / split
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{fid}.json").write_text(json.dumps(cap))
+    return root
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "fixtures")
     write_rsicd(out / "rsicd")
     write_caption_table(out / "table")
     write_class_folder(out / "classes")
+    write_karpathy(out / "ucm")
+    write_fashion200k(out / "fashion200k")
+    write_fashiongen(out / "fashiongen")
+    write_polyvore(out / "polyvore")
+    write_scicap(out / "scicap")
     print(f"fixtures written under {out}")

@@ -182,3 +182,35 @@ def test_chunked_retrieval_recall_matches_naive(max_elements):
         assert got[f"t2i_R@{k}"] == pytest.approx(t2i)
     a, b = retrieval_ranks(img, txt, owner, max_elements)
     assert a.shape == (13,) and b.shape == owner.shape
+
+
+def test_pseudo_label_accuracy_metric():
+    m = make_module(assigner="hard_nn")
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(6, 64, generator=g), dim=-1)
+    perm = torch.tensor([3, 1, 0, 5, 4, 2])
+    m._last_features = (x, x, x[perm])
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    assert float(m.pseudo_label_accuracy(labels, labels[perm])) == 1.0
+    assert float(m.pseudo_label_accuracy(labels, labels)) == pytest.approx(2 / 6)
+
+
+def test_hidden_labels_are_logged_during_training(synthetic_root):
+    dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8, hidden_labels=True)
+    m = SCLIPModule(model_name="sclip-tiny")
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(m, dm)
+    acc = float(trainer.callback_metrics["train/pseudo_label_acc_step"])
+    assert 0.0 <= acc <= 1.0
+    with pytest.raises(ValueError, match="hidden_labels"):
+        table = str(synthetic_root / "captions.csv")
+        bad = SCLIPDataModule(dataset="caption_table", root=table, hidden_labels=True)
+        bad.setup("fit")

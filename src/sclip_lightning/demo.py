@@ -24,7 +24,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sclip-hardpl": {"method": "sclip", "assigner": "hard_nn"},
 }
 METRICS = ["top1", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
-LABELS = {"top1": "zero-shot top-1"}
+LABELS = {"top1": "zero-shot top-1", "pseudo_label_acc": "pseudo-label acc (train)"}
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -44,6 +44,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, floa
         eval_batch_size=256,
         num_workers=args.workers,
         model_name=args.model,
+        hidden_labels=True,  # only to report pseudo-label accuracy; the losses never see it
     )
     module = SCLIPModule(
         model_name=args.model,
@@ -64,8 +65,11 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, floa
         deterministic=True,
     )
     trainer.fit(module, dm)
+    pl_acc = trainer.callback_metrics.get("train/pseudo_label_acc_epoch")
     trainer.test(module, dm, verbose=False)
     merged: dict[str, float] = {}
+    if pl_acc is not None:
+        merged["pseudo_label_acc"] = 100.0 * float(pl_acc)
     for row in module.test_results:
         merged.update({k: v for k, v in row.items() if isinstance(v, float)})
     return merged
@@ -75,8 +79,11 @@ def summarise(runs: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
     rows = []
     for method, results in runs.items():
         row: dict[str, Any] = {"method": method, "seeds": len(results)}
-        for m in METRICS:
-            vals = [r[m] for r in results]
+        for m in METRICS + ["pseudo_label_acc"]:
+            vals = [r[m] for r in results if m in r]
+            if not vals:
+                row[LABELS.get(m, m)] = "-"
+                continue
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             row[LABELS.get(m, m)] = f"{statistics.mean(vals):.1f} ± {sd:.1f}"
         rows.append(row)

@@ -198,6 +198,7 @@ class SCLIPModule(L.LightningModule):
             feats = self.encode_images(torch.cat([paired["image"], unpaired["image"]]))
             image_feats, unpaired_feats = feats[:n_p], feats[n_p:]
         text_feats = self.encode_texts(paired["text"])
+        self._last_features = (image_feats, text_feats, unpaired_feats)
         keyword_feats = candidates = None
         if unpaired is not None and self.uses_keywords:
             keyword_feats = self.encode_texts(self.get_buffer("keyword_tokens"))
@@ -238,7 +239,28 @@ class SCLIPModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", self.logit_scale().detach(), prog_bar=True, batch_size=bs)
+        unpaired = batch.get("unpaired")
+        if unpaired is not None and "label" in unpaired and self.uses_unpaired:
+            self.log(
+                "train/pseudo_label_acc",
+                self.pseudo_label_accuracy(batch["paired"]["label"], unpaired["label"]),
+                batch_size=unpaired["label"].shape[0],
+                on_epoch=True,
+            )
         return total  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def pseudo_label_accuracy(
+        self, paired_labels: torch.Tensor, unpaired_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Share of unpaired images whose assigned paired image (plan argmax) has their class.
+
+        Uses the features of the last :meth:`compute_losses` call (local batch) and the
+        criterion's assigner; labels are hidden from the losses. No host sync.
+        """
+        image, text, unpaired = (t.detach().float() for t in self._last_features)
+        plan = self.criterion.caption.assign(unpaired, image, text, self.logit_scale().detach())
+        return (paired_labels[plan.argmax(dim=-1)] == unpaired_labels).float().mean()
 
     def pseudo_label_ramp(self) -> float:
         """Factor on the caption and keyword losses at the current step (1 after the ramp)."""

@@ -25,7 +25,7 @@ from sclip_lightning.data import (
 @pytest.mark.parametrize("n,ratio", [(100, 0.1), (7207, 0.1), (33, 0.5), (10, 1.0)])
 def test_split_is_disjoint_sized_and_seeded(n, ratio):
     paired, rest = split_labeled(n, ratio, seed=3)
-    assert len(paired) == round(ratio * n) and len(rest) == n - len(paired)
+    assert len(paired) == int(n * ratio) and len(rest) == n - len(paired)
     assert not set(paired) & set(rest) and set(paired) | set(rest) == set(range(n))
     assert split_labeled(n, ratio, seed=3) == (paired, rest)
     if len(rest) > 0:
@@ -130,7 +130,7 @@ def test_datamodule_batches_and_split(synthetic_root):
     dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=6, label_ratio=0.1)
     dm.setup("fit")
     n = len(dm.train_base)
-    assert len(dm.paired_indices) == round(0.1 * n)
+    assert len(dm.paired_indices) == int(0.1 * n)
     assert not set(dm.paired_indices) & set(dm.unpaired_indices)
     assert len(dm.paired_indices) + len(dm.unpaired_indices) == n
     loader = dm.train_dataloader()
@@ -152,3 +152,11 @@ def test_datamodule_guards(synthetic_root):
     dm.setup("fit")
     with pytest.raises(ValueError, match="unpaired set has 0 images"):
         dm.train_dataloader()
+
+
+def test_split_matches_the_release_permutation():
+    # the release: indices = torch.randperm(n, generator=manual_seed(seed)); first int(n*r)
+    n, r, seed = 7207, 0.1, 42
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    paired, _ = split_labeled(n, r, seed)
+    assert paired == sorted(perm[:720].tolist())

@@ -94,3 +94,30 @@ def test_two_process_gradients_equal_one_process(preset):
     torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
     for name, g in ref.items():
         torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["recommended", "released"])
+def test_trainer_ddp_step_equals_single_device_step(objective, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "ddp_trainer_check.py"
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"w{devices}.pt"
+        proc = subprocess.run(
+            [sys.executable, str(script), str(out), str(devices), objective],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = torch.load(out)
+    one, two = results[1], results[2]
+    for name, w in one["before"].items():
+        torch.testing.assert_close(two["before"][name], w, msg=name)  # same initialisation
+    moved = [n for n, w in one["after"].items() if not torch.equal(w, one["before"][n])]
+    assert any("visual" in n for n in moved) and any("transformer" in n for n in moved)
+    for name, w in one["after"].items():
+        torch.testing.assert_close(two["after"][name], w, atol=1e-5, rtol=1e-4, msg=name)

@@ -20,14 +20,17 @@ log = logging.getLogger(__name__)
 
 
 def split_labeled(n: int, label_ratio: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded random split of ``range(n)`` into (paired, rest) with ``round(ratio * n)`` pairs.
+    """Seeded random split of ``range(n)`` into (paired, rest) with ``int(ratio * n)`` pairs.
+
+    Identical to the release's ``split_data``: the first ``int(n * label_ratio)`` entries of
+    ``torch.randperm(n, generator=manual_seed(seed))`` are the pairs (returned sorted).
 
     Raises:
         ValueError: ``label_ratio`` outside (0, 1] or fewer than one pair would remain.
     """
     if not 0 < label_ratio <= 1:
         raise ValueError(f"label_ratio must be in (0, 1], got {label_ratio}")
-    n_paired = round(label_ratio * n)
+    n_paired = int(n * label_ratio)
     if n_paired < 1:
         raise ValueError(f"label_ratio={label_ratio} of {n} images leaves no pair")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -41,10 +44,20 @@ class PairedTrainSet(Dataset):
     first one; tokenised and matched against the keyword vocabulary here, in the workers.
     """
 
-    def __init__(self, base, indices, transform, tokenizer, matcher, caption_sampling="random"):
+    def __init__(
+        self,
+        base,
+        indices,
+        transform,
+        tokenizer,
+        matcher,
+        caption_sampling="random",
+        hidden_labels=False,
+    ):
         self.base, self.indices = base, list(indices)
         self.transform, self.tokenizer, self.matcher = transform, tokenizer, matcher
         self.caption_sampling = caption_sampling
+        self.hidden_labels = hidden_labels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -54,26 +67,33 @@ class PairedTrainSet(Dataset):
         caps = item["captions"]
         j = int(torch.randint(len(caps), ()).item()) if self.caption_sampling == "random" else 0
         caption = caps[j]
-        return {
+        out = {
             "image": self.transform(item["image"]),
             "text": self.tokenizer([caption])[0],
             "keywords": self.matcher(caption),
             "index": self.indices[i],
         }
+        if self.hidden_labels:
+            out["label"] = item["label"]
+        return out
 
 
 class UnpairedTrainSet(Dataset):
     """Unpaired items ``{"image", "index"}``."""
 
-    def __init__(self, base, indices, transform):
+    def __init__(self, base, indices, transform, hidden_labels=False):
         self.base, self.indices, self.transform = base, list(indices), transform
+        self.hidden_labels = hidden_labels
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.base[self.indices[i]]
-        return {"image": self.transform(item["image"]), "index": self.indices[i]}
+        out = {"image": self.transform(item["image"]), "index": self.indices[i]}
+        if self.hidden_labels:
+            out["label"] = item["label"]
+        return out
 
 
 class ZeroShotSet(Dataset):
@@ -167,6 +187,10 @@ class SCLIPDataModule(L.LightningDataModule):
         retrieval_protocol: ``"all"`` captions per image (standard) or ``"one"`` (release).
         templates: zero-shot prompt templates (``{}`` = class name); default per source.
         skip_corrupt: skip unreadable images (counted and logged) instead of raising.
+        hidden_labels: add the class label of every training image (paired and unpaired)
+            to the batches, so the module can log the accuracy of its pseudo-labels
+            (``train/pseudo_label_acc``). Needs a source with per-image labels (``synthetic``,
+            or a caption table with ``label_column``); never used by the losses.
         dataset_kwargs: extra keyword arguments for the paired source (e.g. table columns).
     """
 
@@ -200,6 +224,7 @@ class SCLIPDataModule(L.LightningDataModule):
         retrieval_protocol: str = "all",
         templates: list[str] | None = None,
         skip_corrupt: bool = False,
+        hidden_labels: bool = False,
         dataset_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -253,6 +278,14 @@ class SCLIPDataModule(L.LightningDataModule):
                 hp.unpaired_dataset, uroot, skip_corrupt=hp.skip_corrupt
             )
             self.unpaired_indices = list(range(len(self.unpaired_base)))
+        if hp.hidden_labels:
+            for name, base in (("paired", self.train_base), ("unpaired", self.unpaired_base)):
+                if getattr(base, "labels", None) is None:
+                    raise ValueError(
+                        f"hidden_labels=True but the {name} source has no per-image labels; "
+                        "use a source with labels (synthetic, class_folder, or caption_table "
+                        "with dataset_kwargs.label_column)"
+                    )
         self.keyword_list = self._keywords()
         self.matcher = KeywordMatcher(self.keyword_list)
         if self.keyword_list:
@@ -310,10 +343,13 @@ class SCLIPDataModule(L.LightningDataModule):
             self.tokenizer,
             self.matcher,
             self._hp.caption_sampling,
+            self._hp.hidden_labels,
         )
 
     def unpaired_train_set(self) -> UnpairedTrainSet:
-        return UnpairedTrainSet(self.unpaired_base, self.unpaired_indices, self.train_transform)
+        return UnpairedTrainSet(
+            self.unpaired_base, self.unpaired_indices, self.train_transform, self._hp.hidden_labels
+        )
 
     def train_dataloader(self) -> CombinedLoader:
         hp: Any = self.hparams

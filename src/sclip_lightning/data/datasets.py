@@ -76,6 +76,8 @@ class CaptionedDataset(_ImageRecords):
     def __init__(self, transform: Transform = None, skip_corrupt: bool = False) -> None:
         super().__init__(transform, skip_corrupt)
         self.captions: list[list[str]] = []
+        self.labels: list[int] | None = None  # hidden class labels, when the source has them
+        self.classes: list[str] | None = None
 
     def _add(self, path: Path, captions: Sequence[str], where: str) -> None:
         caps = [str(c).strip() for c in captions if c is not None]
@@ -90,7 +92,10 @@ class CaptionedDataset(_ImageRecords):
         self.captions.append(caps)
 
     def _record(self, index: int) -> dict[str, Any]:
-        return {"captions": list(self.captions[index])}
+        rec: dict[str, Any] = {"captions": list(self.captions[index])}
+        if self.labels is not None:
+            rec["label"] = self.labels[index]
+        return rec
 
 
 class CaptionTable(CaptionedDataset):
@@ -105,6 +110,8 @@ class CaptionTable(CaptionedDataset):
         image_column: column with the image path.
         caption_column: one column name or a list of columns, each a caption.
         split_column: column with the split name (used only when ``split`` is given).
+        label_column: optional column with a class name per image: fills ``.labels`` and
+            ``.classes`` (sorted names), e.g. for pseudo-label accuracy or zero-shot.
         caption_separator: optional separator inside a caption cell.
         transform: applied to the PIL image.
         skip_corrupt: skip unreadable images (counted and logged) instead of raising.
@@ -119,6 +126,7 @@ class CaptionTable(CaptionedDataset):
         image_column: str = "image",
         caption_column: str | list[str] = "caption",
         split_column: str = "split",
+        label_column: str | None = None,
         caption_separator: str | None = None,
         transform: Transform = None,
         skip_corrupt: bool = False,
@@ -130,6 +138,7 @@ class CaptionTable(CaptionedDataset):
             raise ValueError(f"caption table {self.path} has no rows")
         cols = [caption_column] if isinstance(caption_column, str) else list(caption_column)
         needed = [image_column, *cols] + ([split_column] if split is not None else [])
+        needed += [label_column] if label_column is not None else []
         missing = [c for c in needed if c not in rows[0]]
         if missing:
             raise KeyError(
@@ -137,6 +146,7 @@ class CaptionTable(CaptionedDataset):
                 "Set image_column / caption_column / split_column."
             )
         grouped: dict[str, list[str]] = {}
+        label_of: dict[str, str] = {}
         for n, row in enumerate(rows, start=2 if self.path.suffix != ".jsonl" else 1):
             if split is not None and str(row[split_column]) != split:
                 continue
@@ -155,10 +165,16 @@ class CaptionTable(CaptionedDataset):
                         "Fill or remove the row."
                     )
             grouped.setdefault(str(row[image_column]), []).extend(caps)
+            if label_column is not None:
+                label_of[str(row[image_column])] = str(row[label_column])
         if not grouped:
             raise ValueError(f"caption table {self.path} has no rows for split {split!r}")
         for rel, caps in grouped.items():
             self._add(self.path.parent / rel, caps, str(self.path))
+        if label_column is not None:
+            self.classes = sorted(set(label_of.values()))
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[label_of[rel]] for rel in grouped]
 
 
 def _read_table(path: Path):
@@ -208,6 +224,226 @@ class RSICD(CaptionedDataset):
             self._add(images / rec["filename"], caps, f"{index} image {rec['filename']!r}")
         if not self.paths:
             raise ValueError(f"{index} has no images for split {split!r}")
+
+
+class UCMCaptions(RSICD):
+    """UCM-captions (Qu et al. 2016): ``dataset.json`` (Karpathy style) + ``images/``."""
+
+    LAYOUT = "<root>/dataset.json\n<root>/images/<filename>"
+    INDEX = "dataset.json"
+    IMAGES = "images"
+
+
+class SydneyCaptions(UCMCaptions):
+    """Sydney-captions (Qu et al. 2016): ``dataset.json`` (Karpathy style) + ``images/``."""
+
+
+class Fashion200k(CaptionedDataset):
+    """Fashion200k (Han et al. 2017): ``{dress,jacket,pants,skirt,top}_{split}_detect_all.txt``.
+
+    Each line is ``path TAB score TAB sentence``; images lie under ``root``. As in the
+    release, records are products (the 4th path component is the item id) with the
+    sentence as caption; a product's images are all kept (``.paths`` holds the first; the
+    others are in ``.item_images`` and sampled at random per visit when
+    ``random_item_image=True``). Lines whose image is missing are skipped and counted
+    (``.missing``), as the release silently did; ``strict=True`` raises instead.
+
+    Args:
+        root: the Fashion200k folder. split: ``"train"`` or ``"test"``.
+    """
+
+    CATEGORIES = ("dress", "jacket", "pants", "skirt", "top")
+    LAYOUT = "<root>/{dress,jacket,pants,skirt,top}_{train,test}_detect_all.txt\n<root>/women/..."
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform = None,
+        skip_corrupt: bool = False,
+        random_item_image: bool = True,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        self.root = _require(Path(root), "Fashion200k root", self.LAYOUT)
+        split = {"val": "test"}.get(split, split)
+        items: dict[str, dict[str, Any]] = {}
+        self.missing = 0
+        for cat in self.CATEGORIES:
+            path = _require(self.root / f"{cat}_{split}_detect_all.txt", "label file", self.LAYOUT)
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) != 3:
+                    raise ValueError(f"{path} line {n}: expected 'path<TAB>score<TAB>sentence'")
+                rel, _, sentence = parts
+                comps = rel.split("/")
+                if len(comps) < 5:
+                    raise ValueError(f"{path} line {n}: image path {rel!r} has no item id")
+                if not (self.root / rel).is_file():
+                    if strict:
+                        raise FileNotFoundError(f"{path} line {n}: image not found {rel}")
+                    self.missing += 1
+                    continue
+                item = items.setdefault(
+                    comps[3],
+                    {"images": [], "caption": sentence, "category": cat, "subcategory": comps[2]},
+                )
+                item["images"].append(self.root / rel)
+        if self.missing:
+            log.warning(
+                "Fashion200k %s: %d listed images are missing (skipped)", split, self.missing
+            )
+        self.item_ids = list(items)
+        self.item_images = [items[i]["images"] for i in self.item_ids]
+        self.random_item_image = random_item_image
+        for i in self.item_ids:
+            self._add(items[i]["images"][0], [items[i]["caption"]], f"Fashion200k item {i}")
+        if not self.paths:
+            raise ValueError(
+                f"Fashion200k {split}: no item with an existing image under {self.root}"
+            )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.random_item_image and len(self.item_images[index]) > 1:
+            import random
+
+            self.paths[index] = random.choice(self.item_images[index])
+        return super().__getitem__(index)
+
+
+class FashionGen(CaptionedDataset):
+    """FashionGen (Rostamzadeh et al. 2018): ``fashiongen_256_256_{train,validation}.hdf5``.
+
+    Records are products (``input_productID``); caption = ``name + ". " + description``
+    (latin-1, as the release); a product's images are sampled at random per visit.
+    Needs ``h5py``.
+    """
+
+    LAYOUT = "<root>/fashiongen_256_256_{train,validation}.hdf5"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        self.root = _require(Path(root), "FashionGen root", self.LAYOUT)
+        split = {"val": "validation", "test": "validation"}.get(split, split)
+        self.file = _require(
+            self.root / f"fashiongen_256_256_{split}.hdf5", "HDF5 file", self.LAYOUT
+        )
+        h5 = _open_h5(self.file)
+        ids = h5["input_productID"][:].reshape(-1)
+        names = h5["input_name"][:].reshape(-1)
+        descs = h5["input_description"][:].reshape(-1)
+        items: dict[int, list[int]] = {}
+        for idx, pid in enumerate(ids.tolist()):
+            items.setdefault(int(pid), []).append(idx)
+        self.item_rows = list(items.values())
+        for rows in self.item_rows:
+            r = rows[0]
+            cap = _decode(names[r]) + ". " + _decode(descs[r])
+            self._add(self.file, [cap], f"{self.file} row {r}")
+        self._h5 = None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import random
+
+        from PIL import Image
+
+        if self._h5 is None:  # opened lazily: one handle per worker
+            self._h5 = _open_h5(self.file)
+        row = random.choice(self.item_rows[index])
+        image = Image.fromarray(self._h5["input_image"][row]).convert("RGB")
+        return {
+            "image": self.transform(image) if self.transform else image,
+            "captions": list(self.captions[index]),
+            "path": f"{self.file}#{row}",
+        }
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        return state
+
+
+def _open_h5(path: Path):
+    try:
+        import h5py
+    except ImportError as e:  # pragma: no cover - h5py is a dependency
+        raise ImportError("FashionGen needs h5py: pip install h5py") from e
+    return h5py.File(path, "r")
+
+
+def _decode(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        return _decode(value.tolist()[0] if isinstance(value.tolist(), list) else value.tolist())
+    return str(value)
+
+
+class Polyvore(CaptionedDataset):
+    """Polyvore Outfits: ``{split}_info.json`` (``images``, ``id``, ``title``,
+    ``description``) + ``images/``; caption = ``title + "." + description`` (release)."""
+
+    LAYOUT = "<root>/{train,valid,test}_info.json\n<root>/images/<file>"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        self.root = _require(Path(root), "Polyvore root", self.LAYOUT)
+        index = _require(self.root / f"{split}_info.json", "info file", self.LAYOUT)
+        self.ids: list[str] = []
+        for rec in json.loads(index.read_text(encoding="utf-8")):
+            cap = f"{rec.get('title', '')}.{rec.get('description', '')}"
+            if not (rec.get("title") or rec.get("description")):
+                raise ValueError(f"{index}: item {rec.get('id')!r} has no title or description")
+            self._add(self.root / "images" / rec["images"], [cap], f"{index} item {rec['id']!r}")
+            self.ids.append(str(rec["id"]))
+
+
+class SciCap(CaptionedDataset):
+    """SciCap (Hsu et al. 2021): ``SciCap-No-Subfig-Img/<split>/*.png`` +
+    ``SciCap-Caption-All/<split>/*.json``; figures with sub-figures are skipped; caption =
+    ``0-originally-extracted`` (the tokenizer truncates long captions; the release cut them
+    to 77 characters, ``max_chars=77`` restores that)."""
+
+    LAYOUT = (
+        "<root>/SciCap-No-Subfig-Img/<split>/<id>.png\n<root>/SciCap-Caption-All/<split>/<id>.json"
+    )
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform = None,
+        skip_corrupt: bool = False,
+        max_chars: int | None = None,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        self.root = _require(Path(root), "SciCap root", self.LAYOUT)
+        caps = _require(self.root / "SciCap-Caption-All" / split, "caption folder", self.LAYOUT)
+        imgs = _require(self.root / "SciCap-No-Subfig-Img" / split, "image folder", self.LAYOUT)
+        for f in sorted(caps.glob("*.json")):
+            rec = json.loads(f.read_text(encoding="utf-8"))
+            if rec.get("contains-subfigure"):
+                continue
+            cap = str(rec.get("0-originally-extracted", ""))
+            if max_chars is not None:
+                cap = cap[:max_chars]
+            self._add(imgs / f"{f.stem}.png", [cap], str(f))
+        if not self.paths:
+            raise ValueError(f"SciCap {split}: no figure without sub-figures in {caps}")
 
 
 class ImageFolderUnpaired(_ImageRecords):
@@ -310,3 +546,117 @@ class RSICDClasses(_ImageRecords):
 
     def _record(self, index: int) -> dict[str, Any]:
         return {"label": self.labels[index]}
+
+
+class _LabelledRecords(_ImageRecords):
+    """Shared logic of class datasets built from (path, class name) pairs."""
+
+    def _set(self, pairs: list[tuple[Path, str]], where: str) -> None:
+        if not pairs:
+            raise ValueError(f"{where}: no labelled image found")
+        names = sorted({c for _, c in pairs})
+        index = {c: i for i, c in enumerate(names)}
+        self.classes = [clean_class_name(c) for c in names]
+        self.paths = [p for p, _ in pairs]
+        self.labels = [index[c] for _, c in pairs]
+
+    def _record(self, index: int) -> dict[str, Any]:
+        return {"label": self.labels[index]}
+
+
+class Fashion200kClasses(_LabelledRecords):
+    """Fashion200k zero-shot: every listed image, labelled by its ``category`` (2nd path
+    component, e.g. ``dresses``) or ``subcategory`` (3rd, e.g. ``casual_and_day_dresses``)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "test",
+        level: str = "category",
+        transform: Transform = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        if level not in ("category", "subcategory"):
+            raise ValueError(f"level must be 'category' or 'subcategory', got {level!r}")
+        root = _require(Path(root), "Fashion200k root", Fashion200k.LAYOUT)
+        split = {"val": "test"}.get(split, split)
+        pairs = []
+        for cat in Fashion200k.CATEGORIES:
+            f = _require(root / f"{cat}_{split}_detect_all.txt", "label file", Fashion200k.LAYOUT)
+            for line in f.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rel = line.split("\t")[0]
+                    comps = rel.split("/")
+                    if (root / rel).is_file() and len(comps) > 3:
+                        pairs.append((root / rel, comps[1 if level == "category" else 2]))
+        self._set(pairs, f"Fashion200k {split}")
+
+
+class FashionGenClasses(_LabelledRecords):
+    """FashionGen zero-shot: images labelled by ``input_category`` or ``input_subcategory``
+    (lower-cased, as the release)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "validation",
+        level: str = "category",
+        transform: Transform = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        if level not in ("category", "subcategory"):
+            raise ValueError(f"level must be 'category' or 'subcategory', got {level!r}")
+        root = _require(Path(root), "FashionGen root", FashionGen.LAYOUT)
+        split = {"val": "validation", "test": "validation"}.get(split, split)
+        self.file = _require(
+            root / f"fashiongen_256_256_{split}.hdf5", "HDF5 file", FashionGen.LAYOUT
+        )
+        h5 = _open_h5(self.file)
+        key = "input_category" if level == "category" else "input_subcategory"
+        names = [_decode(v).lower() for v in h5[key][:].reshape(-1)]
+        self._set([(self.file, n) for n in names], str(self.file))
+        self._h5 = None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        if self._h5 is None:
+            self._h5 = _open_h5(self.file)
+        image = Image.fromarray(self._h5["input_image"][index]).convert("RGB")
+        return {
+            "image": self.transform(image) if self.transform else image,
+            "label": self.labels[index],
+            "path": f"{self.file}#{index}",
+        }
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        return state
+
+
+class PolyvoreClasses(_LabelledRecords):
+    """Polyvore zero-shot: items labelled by ``semantic_category`` of
+    ``polyvore_item_metadata.json``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "test",
+        transform: Transform = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        root = _require(Path(root), "Polyvore root", Polyvore.LAYOUT)
+        index = _require(root / f"{split}_info.json", "info file", Polyvore.LAYOUT)
+        meta_file = _require(root / "polyvore_item_metadata.json", "item metadata", Polyvore.LAYOUT)
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        pairs = []
+        for rec in json.loads(index.read_text(encoding="utf-8")):
+            key = str(rec["id"])
+            if key not in meta or "semantic_category" not in meta[key]:
+                raise KeyError(f"{meta_file}: no semantic_category for item {key!r}")
+            pairs.append((root / "images" / rec["images"], meta[key]["semantic_category"]))
+        self._set(pairs, str(index))

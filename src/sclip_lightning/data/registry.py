@@ -46,6 +46,10 @@ def _need_root(root: str | None) -> Path:
     return Path(root)
 
 
+def _polyvore_split(split: str | None) -> str:
+    return {"val": "valid", None: "train"}.get(split, split)  # type: ignore[arg-type]
+
+
 def _synthetic_root(root: str | None) -> Path:
     return synthetic.ensure_synthetic(root)
 
@@ -53,7 +57,7 @@ def _synthetic_root(root: str | None) -> Path:
 SOURCES: dict[str, Source] = {
     "synthetic": Source(
         captioned=lambda root, split, **kw: ds.CaptionTable(
-            Path(root) / "captions.csv", split=split, **kw
+            Path(root) / "captions.csv", split=split, label_column="label", **kw
         ),
         classes=lambda root, split, **kw: ds.ClassFolder(Path(root) / (split or "test"), **kw),
         resolve_root=_synthetic_root,
@@ -69,6 +73,79 @@ SOURCES: dict[str, Source] = {
         classes=lambda root, split, **kw: ds.RSICDClasses(root, split=split, **kw),
         resolve_root=_need_root,
         templates=list(AERIAL_TEMPLATES),
+    ),
+    "ucm": Source(
+        captioned=lambda root, split, **kw: ds.UCMCaptions(root, split=split, **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "sydney": Source(
+        captioned=lambda root, split, **kw: ds.SydneyCaptions(root, split=split, **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "ucm_cls": Source(
+        classes=lambda root, split, **kw: ds.ClassFolder(Path(root) / "Images", **kw),
+        unpaired=lambda root, **kw: ds.ClassFolder(Path(root) / "Images", **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "whu_rs19": Source(
+        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
+        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "rsscn7": Source(
+        classes=lambda root, split, **kw: ds.ClassFolder(root, drop_letter_prefix=True, **kw),
+        unpaired=lambda root, **kw: ds.ClassFolder(root, drop_letter_prefix=True, **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "aid": Source(
+        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
+        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "resisc45": Source(
+        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
+        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "fashion200k": Source(
+        captioned=lambda root, split, **kw: ds.Fashion200k(root, split=split, **kw),
+        classes=lambda root, split, **kw: ds.Fashion200kClasses(root, split=split or "test", **kw),
+        resolve_root=_need_root,
+    ),
+    "fashion200k_sub": Source(
+        classes=lambda root, split, **kw: ds.Fashion200kClasses(
+            root, split=split or "test", level="subcategory", **kw
+        ),
+        resolve_root=_need_root,
+    ),
+    "fashiongen": Source(
+        captioned=lambda root, split, **kw: ds.FashionGen(root, split=split, **kw),
+        classes=lambda root, split, **kw: ds.FashionGenClasses(root, split=split or "val", **kw),
+        resolve_root=_need_root,
+    ),
+    "fashiongen_sub": Source(
+        classes=lambda root, split, **kw: ds.FashionGenClasses(
+            root, split=split or "val", level="subcategory", **kw
+        ),
+        resolve_root=_need_root,
+    ),
+    "polyvore": Source(
+        captioned=lambda root, split, **kw: ds.Polyvore(root, split=_polyvore_split(split), **kw),
+        classes=lambda root, split, **kw: ds.PolyvoreClasses(
+            root, split=_polyvore_split(split or "test"), **kw
+        ),
+        resolve_root=_need_root,
+    ),
+    "scicap": Source(
+        captioned=lambda root, split, **kw: ds.SciCap(root, split=split, **kw),
+        resolve_root=_need_root,
     ),
     "image_folder": Source(
         unpaired=lambda root, **kw: ds.ImageFolderUnpaired(root, **kw),

@@ -7,7 +7,7 @@ uses, read back by the generic loaders (:class:`CaptionTable`, :class:`ClassFold
     <root>/train/<class_folder>/<id>.png   training images (captioned)
     <root>/val/<class_folder>/<id>.png     validation images (captioned)
     <root>/test/<class_folder>/<id>.png    test images (captioned; zero-shot by folder)
-    <root>/captions.csv                    image,caption,split (several rows per image)
+    <root>/captions.csv                    image,caption,split,label (several rows per image)
     <root>/keywords.txt                    the class names (keyword vocabulary)
     <root>/DONE                            version stamp, written last
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VERSION = "synthetic-aerial-v1"
+VERSION = "synthetic-aerial-v2"
 
 CLASSES = (
     "forest",
@@ -130,10 +130,10 @@ def _write(root: Path, spec: SyntheticSpec) -> None:
                 rel = f"{split}/{_folder(name)}/{_folder(name)}_{i:04d}.png"
                 Image.fromarray(image).save(root / rel, optimize=False, compress_level=1)
                 for cap in captions_for(label, attrs, rng, spec.captions_per_image):
-                    rows.append((rel, cap, split))
+                    rows.append((rel, cap, split, _folder(name)))
     with (root / "captions.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["image", "caption", "split"])
+        w.writerow(["image", "caption", "split", "label"])
         w.writerows(rows)
     (root / "keywords.txt").write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
     (root / "DONE").write_text(_stamp(spec))

@@ -1,0 +1,93 @@
+"""Every paper data set read from a tiny fixture in its native on-disk layout."""
+
+from __future__ import annotations
+
+import pytest
+from fixtures import (
+    write_fashion200k,
+    write_fashiongen,
+    write_karpathy,
+    write_polyvore,
+    write_rsicd,
+    write_scicap,
+)
+
+from sclip_lightning.data import (
+    RSICD,
+    Fashion200k,
+    Fashion200kClasses,
+    FashionGen,
+    FashionGenClasses,
+    Polyvore,
+    PolyvoreClasses,
+    RSICDClasses,
+    SciCap,
+    SydneyCaptions,
+    UCMCaptions,
+)
+
+
+@pytest.mark.parametrize("cls", [UCMCaptions, SydneyCaptions])
+def test_karpathy_style(tmp_path, cls):
+    root = write_karpathy(tmp_path)
+    assert [len(cls(root, s)) for s in ("train", "val", "test")] == [6, 2, 2]
+    item = cls(root, "val")[0]
+    assert len(item["captions"]) == 5 and item["image"].size == (24, 24)
+
+
+def test_fashion200k_items_and_classes(tmp_path):
+    root = write_fashion200k(tmp_path)
+    ds = Fashion200k(root, "train")
+    assert len(ds) == 10 and ds.missing == 5
+    item = ds[0]
+    assert item["captions"] == ["red cotton dress"]
+    assert {p.name for p in ds.item_images[0]} == {"dresstrain0_0.jpeg", "dresstrain0_1.jpeg"}
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        Fashion200k(root, "train", strict=True)
+    cls = Fashion200kClasses(root, "test")
+    assert cls.classes == ["dresss", "jackets", "pantss", "skirts", "tops"]
+    assert len(cls) == 20
+    sub = Fashion200kClasses(root, "test", level="subcategory")
+    assert "casual dresss" in sub.classes
+
+
+def test_fashiongen_products_and_categories(tmp_path):
+    root = write_fashiongen(tmp_path)
+    ds = FashionGen(root, "train")
+    assert len(ds) == 3
+    item = ds[1]
+    assert item["captions"] == ["Shirt 1. Soft café cotton."] and item["image"].size == (16, 16)
+    cls = FashionGenClasses(root, "val")
+    assert cls.classes == ["jeans", "tops"] and len(cls) == 6 and cls[0]["label"] == 1
+    assert FashionGenClasses(root, "val", level="subcategory").classes == ["shirts", "slim"]
+
+
+def test_polyvore(tmp_path):
+    root = write_polyvore(tmp_path)
+    ds = Polyvore(root, "train")
+    assert len(ds) == 4 and ds[0]["captions"] == ["tops item.nice"]
+    cls = PolyvoreClasses(root, "test")
+    assert cls.classes == ["shoes", "tops"] and [cls[i]["label"] for i in range(2)] == [1, 0]
+
+
+def test_scicap_skips_subfigures(tmp_path):
+    root = write_scicap(tmp_path)
+    ds = SciCap(root, "train")
+    assert len(ds) == 3
+    assert len(SciCap(root, "train", max_chars=77)[0]["captions"][0]) == 77
+
+
+def test_rsicd_mini_real_data_marker_free_counts(tmp_path):
+    root = write_rsicd(tmp_path)
+    assert len(RSICD(root, None)) == 40
+
+
+@pytest.mark.realdata
+def test_rsicd_mini(rsicd_mini):
+    sizes = [len(RSICD(rsicd_mini, s)) for s in ("train", "val", "test")]
+    assert sizes == [7207, 1766, 1027]
+    ds = RSICD(rsicd_mini, "test")
+    assert all(len(c) == 5 for c in ds.captions)
+    cls = RSICDClasses(rsicd_mini)
+    assert len(cls.classes) == 30
+    assert ds[0]["image"].size == (150, 150)
