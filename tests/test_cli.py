@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures import write_rsicd
+from fixtures import (
+    write_class_folder,
+    write_fashion200k,
+    write_fashiongen,
+    write_karpathy,
+    write_polyvore,
+    write_rsicd,
+    write_scicap,
+)
 
 from sclip_lightning.cli import main
 
@@ -39,11 +47,30 @@ def test_model_help_documents_arguments(capsys):
 
 
 def _data_overrides(cfg: Path, tmp_path: Path) -> list[str]:
+    """Write fixture data in the config's native layout; return the root overrides."""
     text = cfg.read_text()
+    big = {"train": 60, "val": 8, "test": 8}
+    out: list[str] = []
     if "dataset: rsicd" in text:
-        root = write_rsicd(tmp_path / "rsicd", {"train": 60, "val": 8, "test": 8})
-        return [f"--data.init_args.root={root}"]
-    return []
+        out.append(f"--data.init_args.root={write_rsicd(tmp_path / 'rsicd', big)}")
+    if "dataset: rs_all" in text:
+        root = tmp_path / "rs"
+        write_rsicd(root / "RSICD", big)
+        write_karpathy(root / "UCM_captions")
+        write_karpathy(root / "Sydney_captions")
+        out.append(f"--data.init_args.root={root}")
+    if "unpaired_dataset: resisc45" in text:
+        res = write_class_folder(tmp_path / "resisc45", per_class=3, classes=["airport", "lake"])
+        out.append(f"--data.init_args.unpaired_root={res}")
+    if "dataset: fashion_all" in text:
+        root = tmp_path / "fashion"
+        write_fashion200k(root / "fashion200k", items_per_cat=8)
+        write_fashiongen(root / "FashionGen")
+        write_polyvore(root / "PolyvoreOutfits")
+        out.append(f"--data.init_args.root={root}")
+    if "dataset: scicap" in text:
+        out.append(f"--data.init_args.root={write_scicap(tmp_path / 'scicap', n=45)}")
+    return out
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])

@@ -160,3 +160,13 @@ def test_split_matches_the_release_permutation():
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     paired, _ = split_labeled(n, r, seed)
     assert paired == sorted(perm[:720].tolist())
+
+
+def test_keyword_matcher_release_mode():
+    m = KeywordMatcher(["forest", "bare land"], mode="release")
+    assert m("a forest next to bare land").tolist() == [True, True]
+    assert m("a dense forest.").tolist() == [False, False]  # punctuation: the release misses it
+    assert m("Forest here").tolist() == [False, False]  # case-sensitive
+    assert KeywordMatcher(["forest"])("a dense forest.").tolist() == [True]
+    with pytest.raises(ValueError, match="mode"):
+        KeywordMatcher(["x"], mode="regex")

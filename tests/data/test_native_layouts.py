@@ -91,3 +91,20 @@ def test_rsicd_mini(rsicd_mini):
     cls = RSICDClasses(rsicd_mini)
     assert len(cls.classes) == 30
     assert ds[0]["image"].size == (150, 150)
+
+
+def test_combinations_rs_all_and_fashion_all(tmp_path):
+    from sclip_lightning.data.registry import build_captioned
+
+    write_rsicd(tmp_path / "rs" / "RSICD")
+    write_karpathy(tmp_path / "rs" / "UCM_captions")
+    write_karpathy(tmp_path / "rs" / "Sydney_captions")
+    rs = build_captioned("rs_all", tmp_path / "rs", "train")
+    assert len(rs) == 24 + 6 + 6 and len(rs.captions) == len(rs)
+    assert rs[30]["captions"] == rs.captions[30]
+    write_fashion200k(tmp_path / "f" / "fashion200k")
+    write_fashiongen(tmp_path / "f" / "FashionGen")
+    write_polyvore(tmp_path / "f" / "PolyvoreOutfits")
+    fa = build_captioned("fashion_all", tmp_path / "f", "train")
+    assert len(fa) == 10 + 3 + 4
+    assert fa[12]["captions"][0].startswith("Shirt")

@@ -177,6 +177,8 @@ class SCLIPDataModule(L.LightningDataModule):
         keywords: keyword vocabulary: a file path, ``"default"`` (the source's own list, if
             any), ``"mine"`` (top ``num_keywords`` mined from the paired captions) or None.
         num_keywords: vocabulary size when mining.
+        keyword_matching: ``"tokens"`` (whole words/phrases, case-insensitive) or
+            ``"release"`` (the release's case-sensitive ``" k " in " caption "``).
         caption_sampling: ``"random"`` caption per visit (release) or ``"first"``.
         combined_mode: CombinedLoader mode; ``"max_size_cycle"`` makes an epoch one pass
             over the larger (usually unpaired) loader, cycling the other.
@@ -215,6 +217,7 @@ class SCLIPDataModule(L.LightningDataModule):
         image_size: int | None = None,
         keywords: str | None = "default",
         num_keywords: int = 100,
+        keyword_matching: str = "tokens",
         caption_sampling: str = "random",
         combined_mode: str = "max_size_cycle",
         zeroshot: list[str] | None = None,
@@ -287,7 +290,7 @@ class SCLIPDataModule(L.LightningDataModule):
                         "with dataset_kwargs.label_column)"
                     )
         self.keyword_list = self._keywords()
-        self.matcher = KeywordMatcher(self.keyword_list)
+        self.matcher = KeywordMatcher(self.keyword_list, hp.keyword_matching)
         if self.keyword_list:
             paired_caps = [c for i in self.paired_indices for c in self.train_base.captions[i]]
             hit, total = self.matcher.coverage(paired_caps)

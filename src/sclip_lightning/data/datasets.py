@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.utils import data as torch_data
 from torch.utils.data import Dataset
 
 from sclip_lightning.data.images import IMAGE_EXTENSIONS, CorruptImageError, load_image
@@ -660,3 +661,13 @@ class PolyvoreClasses(_LabelledRecords):
                 raise KeyError(f"{meta_file}: no semantic_category for item {key!r}")
             pairs.append((root / "images" / rec["images"], meta[key]["semantic_category"]))
         self._set(pairs, str(index))
+
+
+class ConcatCaptioned(torch_data.ConcatDataset):
+    """Several captioned data sets as one (RS-ALL, Fashion-ALL); keeps ``.captions``."""
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        super().__init__(datasets)
+        self.captions = [c for d in datasets for c in d.captions]  # type: ignore[attr-defined]
+        self.labels = None
+        self.classes = None

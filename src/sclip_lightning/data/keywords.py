@@ -105,14 +105,23 @@ def mine_keywords(
 class KeywordMatcher:
     """Which vocabulary keywords occur in a caption, as whole words or phrases.
 
-    Matching is case-insensitive on spaCy tokens (so ``"parking"`` does not match inside
-    ``"parkings"`` and ``"baseball field"`` matches the phrase). Picklable for workers.
+    ``mode="tokens"`` (default) matches case-insensitively on spaCy tokens (so
+    ``"parking"`` does not match inside ``"parkings"``, ``"baseball field"`` matches the
+    phrase, and ``"forest."`` matches ``forest``). ``mode="release"`` reproduces the
+    release's test ``" k " in " caption "``: case-sensitive, and a keyword followed by
+    punctuation is missed. Picklable for workers.
 
     Args:
         keywords: the vocabulary (K entries).
+        mode: ``"tokens"`` or ``"release"``.
     """
 
-    def __init__(self, keywords: Sequence[str]) -> None:
+    MODES = ("tokens", "release")
+
+    def __init__(self, keywords: Sequence[str], mode: str = "tokens") -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"keyword matching mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
         self.keywords = list(keywords)
         self._nlp: Any = None
         self._matcher: Any = None
@@ -129,10 +138,11 @@ class KeywordMatcher:
             self._matcher.add(str(k), [self._nlp.make_doc(word)])
 
     def __getstate__(self):
-        return {"keywords": self.keywords}
+        return {"keywords": self.keywords, "mode": self.mode}
 
     def __setstate__(self, state) -> None:
         self.keywords = state["keywords"]
+        self.mode = state.get("mode", "tokens")
         self._nlp = None
         self._matcher = None
 
@@ -141,6 +151,9 @@ class KeywordMatcher:
         out = torch.zeros(len(self.keywords), dtype=torch.bool)
         if not self.keywords:
             return out
+        if self.mode == "release":
+            spaced = f" {caption} "
+            return torch.tensor([f" {k} " in spaced for k in self.keywords], dtype=torch.bool)
         if self._matcher is None:
             self._build()
         assert self._nlp is not None and self._matcher is not None

@@ -147,6 +147,27 @@ SOURCES: dict[str, Source] = {
         captioned=lambda root, split, **kw: ds.SciCap(root, split=split, **kw),
         resolve_root=_need_root,
     ),
+    "rs_all": Source(
+        captioned=lambda root, split, **kw: ds.ConcatCaptioned(
+            [
+                ds.RSICD(Path(root) / "RSICD", split=split, **kw),
+                ds.UCMCaptions(Path(root) / "UCM_captions", split=split, **kw),
+                ds.SydneyCaptions(Path(root) / "Sydney_captions", split=split, **kw),
+            ]
+        ),
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    ),
+    "fashion_all": Source(
+        captioned=lambda root, split, **kw: ds.ConcatCaptioned(
+            [
+                ds.Fashion200k(Path(root) / "fashion200k", split=split, **kw),
+                ds.FashionGen(Path(root) / "FashionGen", split=split, **kw),
+                ds.Polyvore(Path(root) / "PolyvoreOutfits", split=_polyvore_split(split), **kw),
+            ]
+        ),
+        resolve_root=_need_root,
+    ),
     "image_folder": Source(
         unpaired=lambda root, **kw: ds.ImageFolderUnpaired(root, **kw),
         resolve_root=_need_root,
