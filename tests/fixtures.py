@@ -197,6 +197,29 @@ def write_scicap(root: Path, n: int = 4) -> Path:
     return root
 
 
+def write_simpsons(root: Path, n: int = 20, form: str = "hf") -> Path:
+    """Simpsons captions as a datasets.save_to_disk folder (image, text) or a CSV table."""
+    texts = [f"a cartoon of {['homer', 'marge'][i % 2]} simpson {i}" for i in range(n)]
+    if form == "table":
+        rows = ["image,text"]
+        for i, t in enumerate(texts):
+            _image(root / "img" / f"{i}.png", 7000 + i)
+            rows.append(f"img/{i}.png,{t}")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "captions.csv").write_text("\n".join(rows) + "\n")
+        return root / "captions.csv"
+    import datasets
+
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in texts]
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "text": texts},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(root))
+    return root
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "fixtures")
     write_rsicd(out / "rsicd")

@@ -68,6 +68,13 @@ def _data_overrides(cfg: Path, tmp_path: Path) -> list[str]:
         write_fashiongen(root / "FashionGen")
         write_polyvore(root / "PolyvoreOutfits")
         out.append(f"--data.init_args.root={root}")
+    if "dataset: simpsons" in text:
+        from fixtures import write_simpsons
+
+        out.append(f"--data.init_args.root={write_simpsons(tmp_path / 'simpsons', n=50)}")
+    if "unpaired_dataset: class_folder" in text:
+        chars = write_class_folder(tmp_path / "chars", per_class=3, classes=["homer", "marge"])
+        out.append(f"--data.init_args.unpaired_root={chars}")
     if "dataset: scicap" in text:
         out.append(f"--data.init_args.root={write_scicap(tmp_path / 'scicap', n=45)}")
     return out

@@ -108,3 +108,17 @@ def test_combinations_rs_all_and_fashion_all(tmp_path):
     fa = build_captioned("fashion_all", tmp_path / "f", "train")
     assert len(fa) == 10 + 3 + 4
     assert fa[12]["captions"][0].startswith("Shirt")
+
+
+@pytest.mark.parametrize("form", ["hf", "table"])
+def test_simpsons_captions(tmp_path, form):
+    from fixtures import write_simpsons
+
+    from sclip_lightning.data import SimpsonsCaptions
+
+    root = write_simpsons(tmp_path / "s", n=20, form=form)
+    train, val = SimpsonsCaptions(root, "train"), SimpsonsCaptions(root, "val")
+    assert (len(train), len(val)) == (18, 2)
+    assert not {str(p) for p in train.paths} & {str(p) for p in val.paths}
+    item = val[0]
+    assert item["image"].mode == "RGB" and item["captions"][0].startswith("a cartoon of")

@@ -15,6 +15,7 @@ from sclip_lightning.data.datasets import (
     PolyvoreClasses,
     RSICDClasses,
     SciCap,
+    SimpsonsCaptions,
     SydneyCaptions,
     UCMCaptions,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "Polyvore",
     "PolyvoreClasses",
     "SciCap",
+    "SimpsonsCaptions",
     "SydneyCaptions",
     "UCMCaptions",
     "ImageFolderUnpaired",

@@ -168,6 +168,11 @@ SOURCES: dict[str, Source] = {
         ),
         resolve_root=_need_root,
     ),
+    "simpsons": Source(
+        captioned=lambda root, split, **kw: ds.SimpsonsCaptions(root, split=split, **kw),
+        resolve_root=_need_root,
+        templates=["a picture of {}, a character from The Simpsons."],
+    ),
     "image_folder": Source(
         unpaired=lambda root, **kw: ds.ImageFolderUnpaired(root, **kw),
         resolve_root=_need_root,
