@@ -1,4 +1,9 @@
-"""One S-CLIP optimisation step through the Trainer; saves the weights (rank 0).
+"""One S-CLIP optimisation step through the Trainer; saves weights and gradients (rank 0).
+
+The step uses plain SGD: AdamW's first step is lr * g / (|g| + eps), which turns float
+rounding noise in near-zero gradients (|g| ~ 1e-7, e.g. attention key biases, whose exact
+gradient is 0) into differences of up to 2 * lr, so it cannot show equality at 1e-5. The
+gradients after DDP's all-reduce are compared directly as well.
 
 Usage: python tests/ddp_trainer_check.py OUT.pt DEVICES [objective]
 DEVICES=1 runs single-device on the whole global batch; DEVICES=2 runs DDP (gloo, CPU) with
@@ -58,16 +63,21 @@ class FixedBatch(L.LightningDataModule):
         }
 
 
+class SGDModule(SCLIPModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
 def main() -> None:
     out, devices = sys.argv[1], int(sys.argv[2])
     objective = sys.argv[3] if len(sys.argv) > 3 else "recommended"
     warnings.filterwarnings("ignore")
     L.seed_everything(0, verbose=False)
-    model = SCLIPModule(
+    model = SGDModule(
         model_name="sclip-tiny",
         objective=objective,
         keyword_vocabulary=VOCAB,
-        lr=1e-3,
+        lr=0.1,
         warmup_steps=0,
         scheduler="constant",
     )
@@ -84,10 +94,19 @@ def main() -> None:
         limit_val_batches=0,
     )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads: dict[str, torch.Tensor] = {}
+
+    class GradRecorder(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for n, p in pl_module.named_parameters():
+                if p.grad is not None:
+                    grads[n] = p.grad.detach().clone()
+
+    trainer.callbacks.append(GradRecorder())
     trainer.fit(model, FixedBatch(devices, model.tokenizer))
     if trainer.is_global_zero:
         after = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        torch.save({"before": before, "after": after}, out)
+        torch.save({"before": before, "after": after, "grads": grads}, out)
 
 
 if __name__ == "__main__":

@@ -170,3 +170,41 @@ def test_keyword_matcher_release_mode():
     assert KeywordMatcher(["forest"])("a dense forest.").tolist() == [True]
     with pytest.raises(ValueError, match="mode"):
         KeywordMatcher(["x"], mode="regex")
+
+
+def test_long_captions_are_truncated_not_errors(tmp_path):
+    from fixtures import _image
+
+    _image(tmp_path / "a.png", 1)
+    long = "a very long caption about a lake " * 80
+    (tmp_path / "t.csv").write_text(f"image,caption\na.png,{long}\n")
+    from sclip_lightning.data.datamodule import PairedTrainSet
+    from sclip_lightning.models import build_tokenizer, build_transforms
+
+    ds = CaptionTable(tmp_path / "t.csv")
+    tok = build_tokenizer("sclip-tiny")
+    item = PairedTrainSet(
+        ds, [0], build_transforms("sclip-tiny", True), tok, KeywordMatcher(["lake"])
+    )[0]
+    assert item["text"].shape == (32,) and item["keywords"].tolist() == [True]
+
+
+def test_noun_chunk_mining_needs_a_pipeline():
+    import spacy.util
+
+    if spacy.util.is_package("en_core_web_sm"):
+        words = mine_keywords(["a green forest near the river"] * 3, top_k=5, use_noun_chunks=True)
+        assert "green forest" in words
+    else:
+        with pytest.raises(OSError, match="not installed.*use_noun_chunks=False"):
+            mine_keywords(["a green forest"], use_noun_chunks=True)
+
+
+def test_empty_unpaired_folder_and_missing_roots(tmp_path):
+    with pytest.raises(FileNotFoundError, match="unpaired image folder not found"):
+        ImageFolderUnpaired(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderUnpaired(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ClassFolder(tmp_path / "empty")

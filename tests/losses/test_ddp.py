@@ -119,5 +119,8 @@ def test_trainer_ddp_step_equals_single_device_step(objective, tmp_path):
         torch.testing.assert_close(two["before"][name], w, msg=name)  # same initialisation
     moved = [n for n, w in one["after"].items() if not torch.equal(w, one["before"][n])]
     assert any("visual" in n for n in moved) and any("transformer" in n for n in moved)
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
     for name, w in one["after"].items():
         torch.testing.assert_close(two["after"][name], w, atol=1e-5, rtol=1e-4, msg=name)
