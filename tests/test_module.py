@@ -214,3 +214,14 @@ def test_hidden_labels_are_logged_during_training(synthetic_root):
         table = str(synthetic_root / "captions.csv")
         bad = SCLIPDataModule(dataset="caption_table", root=table, hidden_labels=True)
         bad.setup("fit")
+
+
+def test_short_keyword_encoding_is_exact():
+    m = make_module(keyword_vocabulary=["lake", "baseball field", "dense residential area", "x"])
+    assert (
+        m._keyword_length is not None
+        and m._keyword_length < m.get_buffer("keyword_tokens").shape[1]
+    )
+    m.eval()
+    full = m.encode_texts(m.get_buffer("keyword_tokens"))
+    torch.testing.assert_close(m.encode_keywords(), full, atol=1e-5, rtol=1e-5)

@@ -179,6 +179,58 @@ class SCLIPModule(L.LightningModule):
         """(B, L) tokens -> (B, D) L2-normalised features."""
         return self.model.encode_text(tokens, normalize=True)
 
+    def encode_keywords(self) -> torch.Tensor:
+        """(K, D) normalised features of the keyword texts, with gradient.
+
+        Keyword texts are a few tokens long. For open_clip's causal CLIP text tower with
+        end-of-text pooling, positions after the longest keyword's end token cannot change
+        the pooled features, so the padding is cut (exact, and up to context/length times
+        cheaper); other text towers get the full :meth:`encode_texts`.
+        """
+        tokens = self.get_buffer("keyword_tokens")
+        length = getattr(self, "_keyword_length", None)
+        if length is None:
+            return self.encode_texts(tokens)
+        m = self.model
+        cast = m.transformer.get_cast_dtype()
+        short = tokens[:, :length]
+        x = m.token_embedding(short).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        from open_clip.transformer import text_global_pool
+
+        x = text_global_pool(
+            x, short, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)
+        )
+        if m.text_projection is not None:
+            x = (
+                m.text_projection(x)
+                if isinstance(m.text_projection, torch.nn.Linear)
+                else x @ m.text_projection
+            )
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    def _short_keyword_length(self, tokens: torch.Tensor) -> int | None:
+        """Cut length for :meth:`encode_keywords`, or None where cutting is not exact."""
+        import open_clip
+
+        m = self.model
+        mask = getattr(m, "attn_mask", None)
+        if not isinstance(m, open_clip.CLIP) or mask is None or tokens.numel() == 0:
+            return None
+        if type(m).encode_text is not open_clip.CLIP.encode_text:
+            return None  # a subclass changed the text path
+        causal = torch.triu(torch.ones_like(mask, dtype=torch.bool), diagonal=1)
+        if not (torch.isinf(mask[causal]).all() and (mask[~causal] == 0).all()):
+            return None
+        if m.text_pool_type == "argmax":
+            end = tokens.argmax(dim=-1)
+        elif m.text_pool_type == "eos" and getattr(m, "text_eos_id", None) is not None:
+            end = (tokens == m.text_eos_id).int().argmax(dim=-1)
+        else:
+            return None
+        return int(end.max()) + 1
+
     def logit_scale(self) -> torch.Tensor:
         """The scale ``s`` (exponentiated)."""
         return self.model.logit_scale.exp()
@@ -197,11 +249,10 @@ class SCLIPModule(L.LightningModule):
         else:
             feats = self.encode_images(torch.cat([paired["image"], unpaired["image"]]))
             image_feats, unpaired_feats = feats[:n_p], feats[n_p:]
-        text_feats = self.encode_texts(paired["text"])
-        self._last_features = (image_feats, text_feats, unpaired_feats)
         keyword_feats = candidates = None
+        text_feats = self.encode_texts(paired["text"])
         if unpaired is not None and self.uses_keywords:
-            keyword_feats = self.encode_texts(self.get_buffer("keyword_tokens"))
+            keyword_feats = self.encode_keywords()
             candidates = paired["keywords"]
             if candidates.shape[-1] != keyword_feats.shape[0]:
                 raise ValueError(
@@ -209,6 +260,7 @@ class SCLIPModule(L.LightningModule):
                     f"has {keyword_feats.shape[0]} keywords: use the same vocabulary in the "
                     "DataModule and the module (or leave module keywords unset)"
                 )
+        self._last_features = (image_feats, text_feats, unpaired_feats)
         return self.criterion(
             image_feats,
             text_feats,
@@ -228,6 +280,7 @@ class SCLIPModule(L.LightningModule):
         words = [self._hp.keyword_template.format(k) for k in (self.keywords or [])]
         tokens = self.tokenizer(words) if words else torch.zeros(0, 1, dtype=torch.long)
         self.register_buffer("keyword_tokens", tokens.to(self.device), persistent=False)
+        self._keyword_length = self._short_keyword_length(tokens)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sclip_lightning import distributed
 from sclip_lightning.losses.caption_ot import CaptionOTLoss
-from sclip_lightning.losses.contrastive import contrastive_loss
+from sclip_lightning.losses.functional import soft_cross_entropy
 from sclip_lightning.losses.keyword_pll import KeywordPLLLoss
 
 
@@ -186,9 +187,22 @@ class SCLIPLoss(nn.Module):
                 candidates = distributed.gather_no_grad(candidates)
         zero = scale * 0.0
         has_unpaired = unpaired is not None and unpaired.shape[0] > 0
+        uses_unpaired = has_unpaired and (
+            self.unpaired_negatives or self.caption_weight > 0 or self.keyword_weight > 0
+        )
+        n_p = image.shape[0]
+        # one matmul gives every caption logit: s Y [X; U]^T holds the text->image logits, its
+        # first block transposed the image->text logits, its second block transposed the
+        # caption logits of the unpaired images (s U Y^T)
+        candidates_img = torch.cat([image, unpaired]) if uses_unpaired else image  # type: ignore[list-item]
+        logits_text = scale * text @ candidates_img.T
+        labels = torch.arange(n_p, device=image.device)
+        per_text = logits_text if self.unpaired_negatives else logits_text[:, :n_p]
+        contrastive = (
+            F.cross_entropy(logits_text[:, :n_p].T, labels) + F.cross_entropy(per_text, labels)
+        ) / 2
         out = {
-            "contrastive_loss": self.contrastive_weight
-            * contrastive_loss(image, text, scale, unpaired if self.unpaired_negatives else None),
+            "contrastive_loss": self.contrastive_weight * contrastive,
             "caption_loss": zero,
             "keyword_loss": zero,
         }
@@ -197,9 +211,8 @@ class SCLIPLoss(nn.Module):
         assert unpaired is not None
         plan = self.caption.assign(unpaired, image, text, scale)
         if self.caption_weight > 0:
-            out["caption_loss"] = self.caption_weight * self.caption(
-                unpaired, image, text, scale, plan=plan
-            )
+            caption_logits = logits_text[:, n_p:].T
+            out["caption_loss"] = self.caption_weight * soft_cross_entropy(caption_logits, plan)
         if (
             self.keyword_weight > 0
             and keywords is not None
