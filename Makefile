@@ -37,6 +37,7 @@ demo:  ## train CLIP vs S-CLIP on the embedded synthetic domain, print + write t
 bench:  ## loss and training-step benchmarks (ratios against baselines in the same run)
 	$(PYTHON) bench/loss.py
 	$(PYTHON) bench/step.py
+	@if [ -f ../shared/data/rsicd-mini/dataset_rsicd.json ]; then $(PYTHON) bench/data.py; else echo "bench/data.py skipped: ../shared/data/rsicd-mini not found"; fi
 
 clean:
 	rm -rf outputs lightning_logs .pytest_cache .ruff_cache .mypy_cache

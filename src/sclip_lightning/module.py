@@ -311,7 +311,14 @@ class SCLIPModule(L.LightningModule):
         Uses the features of the last :meth:`compute_losses` call (local batch) and the
         criterion's assigner; labels are hidden from the losses. No host sync.
         """
-        image, text, unpaired = (t.detach().float() for t in self._last_features)
+        image, text, unpaired = self._last_features
+        if unpaired is None:
+            raise RuntimeError("pseudo_label_accuracy needs a batch with unpaired images")
+        image, text, unpaired = (
+            image.detach().float(),
+            text.detach().float(),
+            unpaired.detach().float(),
+        )
         plan = self.criterion.caption.assign(unpaired, image, text, self.logit_scale().detach())
         return (paired_labels[plan.argmax(dim=-1)] == unpaired_labels).float().mean()
 

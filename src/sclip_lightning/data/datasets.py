@@ -349,7 +349,7 @@ class FashionGen(CaptionedDataset):
             r = rows[0]
             cap = _decode(names[r]) + ". " + _decode(descs[r])
             self._add(self.file, [cap], f"{self.file} row {r}")
-        self._h5 = None
+        self._h5: Any = None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         import random
@@ -618,7 +618,7 @@ class FashionGenClasses(_LabelledRecords):
         key = "input_category" if level == "category" else "input_subcategory"
         names = [_decode(v).lower() for v in h5[key][:].reshape(-1)]
         self._set([(self.file, n) for n in names], str(self.file))
-        self._h5 = None
+        self._h5: Any = None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from PIL import Image

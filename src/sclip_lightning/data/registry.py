@@ -47,7 +47,9 @@ def _need_root(root: str | None) -> Path:
 
 
 def _polyvore_split(split: str | None) -> str:
-    return {"val": "valid", None: "train"}.get(split, split)  # type: ignore[arg-type]
+    if split is None:
+        return "train"
+    return {"val": "valid"}.get(split, split)
 
 
 def _synthetic_root(root: str | None) -> Path:
