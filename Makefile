@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-ddp lint format typecheck demo bench real-benchmark clean
+.PHONY: install test test-slow lint format typecheck demo bench clean
 
 install:  ## create .venv and install the package with dev + offline extras
 	$(PY) -m venv $(VENV)
@@ -32,7 +32,7 @@ typecheck:
 	$(BIN)/mypy
 
 demo:  ## train CLIP vs S-CLIP on the embedded synthetic domain, print + write the table
-	$(PYTHON) -m sclip_lightning.demo --seeds $(or $(SEEDS),0) --out outputs/demo
+	$(PYTHON) -m sclip_lightning.demo --seeds $(or $(SEEDS),0 1 2) --methods $(or $(METHODS),clip sclip) --out outputs/demo
 
 bench:  ## loss and training-step benchmarks (ratios against baselines in the same run)
 	$(PYTHON) bench/loss.py

@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         means,
         errs,
         args.out / "demo.png",
-        title=f"CLIP vs S-CLIP, synthetic aerial, {args.label_ratio:.0%} pairs",
+        title=(
+            f"Synthetic aerial domain, {args.label_ratio:.0%} pairs: mean ± std over "
+            f"{len(args.seeds)} seed(s)"
+        ),
     )
     print(
         f"written: {args.out / 'demo.md'}, {args.out / 'demo.csv'}, {chart} "
