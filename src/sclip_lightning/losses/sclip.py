@@ -195,7 +195,7 @@ class SCLIPLoss(nn.Module):
         # first block transposed the image->text logits, its second block transposed the
         # caption logits of the unpaired images (s U Y^T)
         candidates_img = torch.cat([image, unpaired]) if uses_unpaired else image  # type: ignore[list-item]
-        logits_text = scale * text @ candidates_img.T
+        logits_text = (scale * text) @ candidates_img.T  # scale the smaller operand
         labels = torch.arange(n_p, device=image.device)
         per_text = logits_text if self.unpaired_negatives else logits_text[:, :n_p]
         contrastive = (

@@ -1,0 +1,61 @@
+"""Export: a checkpoint becomes weights plain open_clip loads with identical features."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import open_clip
+import pytest
+import torch
+
+from sclip_lightning import SCLIPDataModule, SCLIPModule
+from sclip_lightning.export import export, main
+
+
+def test_exported_weights_give_the_same_features(synthetic_root, tmp_path, capsys):
+    L.seed_everything(0)
+    dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8)
+    module = SCLIPModule(model_name="sclip-tiny", lr=1e-3)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, dm)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    main([str(ckpt), str(tmp_path / "exported.pt")])
+    assert "open_clip.create_model('sclip-tiny'" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "exported.json").read_text())
+    assert meta["model_name"] == "sclip-tiny" and meta["model_config"]["embed_dim"] == 64
+
+    plain = open_clip.create_model("sclip-tiny", pretrained=str(tmp_path / "exported.pt"))
+    plain.eval()
+    module.eval()
+    images = torch.randn(4, 3, 32, 32)
+    tokens = module.tokenizer(["a lake", "a forest seen from above"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain.encode_image(images, normalize=True), module.encode_images(images)
+        )
+        torch.testing.assert_close(
+            plain.encode_text(tokens, normalize=True), module.encode_texts(tokens)
+        )
+        torch.testing.assert_close(plain.logit_scale, module.model.logit_scale)
+    trained = module.model.visual.conv1.weight
+    fresh = SCLIPModule(model_name="sclip-tiny").model.visual.conv1.weight
+    assert not torch.equal(trained, fresh)
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        export(tmp_path / "none.ckpt", tmp_path / "o.pt")
+    torch.save({"weights": {}}, tmp_path / "bad.ckpt")
+    with pytest.raises(KeyError, match="not a Lightning checkpoint"):
+        export(tmp_path / "bad.ckpt", tmp_path / "o.pt")
