@@ -101,3 +101,39 @@ def test_every_config_fits_and_tests(cfg, tmp_path):
     main(["fit", *common, "--trainer.fast_dev_run=2"])
     main(["test", *common, "--trainer.fast_dev_run=2"])
     assert (tmp_path / "results" / "results.md").is_file()
+
+
+def test_predict_writes_top_k_csv(synthetic_root, tmp_path):
+    import csv
+
+    folder = synthetic_root / "test" / "lake"
+    main(
+        [
+            "predict",
+            "--config",
+            str(CONFIGS[0].parent / "demo_sclip.yaml"),
+            "--model.init_args.model_name=sclip-tiny",
+            "--model.init_args.predict_top_k=3",
+            f"--model.init_args.results_dir={tmp_path}",
+            "--data.init_args.num_workers=0",
+            f"--data.init_args.predict_root={folder}",
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == len(list(folder.glob("*.png")))
+    classes = {
+        "forest",
+        "farmland",
+        "lake",
+        "river",
+        "beach",
+        "residential area",
+        "industrial area",
+        "parking lot",
+        "desert",
+        "baseball field",
+    }
+    assert {r["label_1"] for r in rows} <= classes and "label_3" in rows[0]
+    assert all(float(r["score_1"]) >= float(r["score_2"]) >= float(r["score_3"]) for r in rows)

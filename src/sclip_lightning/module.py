@@ -60,7 +60,9 @@ class SCLIPModule(L.LightningModule):
             weight from the first step). Pseudo-labels of a randomly initialised model are
             noise; a ramp is the usual semi-supervised remedy when training from scratch.
         eval_max_elements: similarity-block budget for retrieval evaluation.
-        results_dir: where ``test`` writes results.{md,csv,json} (default: the logger's dir).
+        results_dir: where ``test`` writes results.{md,csv,json} and ``predict`` writes
+            predictions.csv (default: the logger's dir).
+        predict_top_k: labels (with probabilities) per image written by ``predict``.
     """
 
     @property
@@ -106,6 +108,7 @@ class SCLIPModule(L.LightningModule):
         pseudo_label_warmup_steps: int = 0,
         eval_max_elements: int = 1 << 24,
         results_dir: str | None = None,
+        predict_top_k: int = 5,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -479,6 +482,53 @@ class SCLIPModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
+
+    def on_predict_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        spec = getattr(dm, "predict_spec", None)
+        if spec is None:
+            raise ValueError("predict needs an SCLIPDataModule with predict_root set")
+        self._predict_classes = spec.classes
+        self._predict_weights = self.zeroshot_weights(spec.classes, spec.templates)
+        self._predict_rows: list[dict[str, Any]] = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
+        feats = self.encode_images(batch["image"]).float()
+        probs = (self.logit_scale() * feats @ self._predict_weights.float().T).softmax(dim=-1)
+        k = min(self._hp.predict_top_k, probs.shape[-1])
+        scores, idx = probs.topk(k, dim=-1)
+        rows = []
+        for path, s_row, i_row in zip(batch["path"], scores.tolist(), idx.tolist(), strict=True):
+            row: dict[str, Any] = {"path": path}
+            for r, (s, i) in enumerate(zip(s_row, i_row, strict=True), start=1):
+                row[f"label_{r}"] = self._predict_classes[i]
+                row[f"score_{r}"] = round(s, 6)
+            rows.append(row)
+        self._predict_rows.extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        rows = self._predict_rows
+        if distributed.world_size() > 1:
+            gathered: list[Any] = [None] * distributed.world_size()
+            dist.all_gather_object(gathered, rows)
+            seen: dict[str, dict[str, Any]] = {}
+            for part in gathered:
+                for row in part:
+                    seen.setdefault(row["path"], row)
+            rows = sorted(seen.values(), key=lambda r: r["path"])
+        if self.trainer.is_global_zero:
+            import csv
+
+            out = Path(
+                self._hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
+                writer.writeheader()
+                writer.writerows(rows)
+            print(f"wrote {len(rows)} predictions to {out / 'predictions.csv'}")
 
     def on_test_epoch_end(self) -> None:
         rows = self._finish_eval("test")

@@ -96,6 +96,20 @@ class UnpairedTrainSet(Dataset):
         return out
 
 
+class PredictSet(Dataset):
+    """``{"image", "path"}`` for ``predict``."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        return {"image": self.transform(item["image"]), "path": item["path"]}
+
+
 class ZeroShotSet(Dataset):
     """``{"image", "label"}`` from a class dataset."""
 
@@ -193,6 +207,9 @@ class SCLIPDataModule(L.LightningDataModule):
             to the batches, so the module can log the accuracy of its pseudo-labels
             (``train/pseudo_label_acc``). Needs a source with per-image labels (``synthetic``,
             or a caption table with ``label_column``); never used by the losses.
+        predict_root: folder of images for ``predict`` (any depth).
+        predict_classes: class names for ``predict``; default: the classes of the first
+            zero-shot set (with its templates).
         dataset_kwargs: extra keyword arguments for the paired source (e.g. table columns).
     """
 
@@ -228,6 +245,8 @@ class SCLIPDataModule(L.LightningDataModule):
         templates: list[str] | None = None,
         skip_corrupt: bool = False,
         hidden_labels: bool = False,
+        predict_root: str | None = None,
+        predict_classes: list[str] | None = None,
         dataset_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -426,6 +445,27 @@ class SCLIPDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         loaders, self.test_specs = self._eval(self._hp.test_split, ("zeroshot", "retrieval"))
         return loaders
+
+    def predict_dataloader(self) -> DataLoader:
+        hp = self._hp
+        if hp.predict_root is None:
+            raise ValueError("predict needs data.predict_root: a folder of images to label")
+        from sclip_lightning.data.datasets import ImageFolderUnpaired
+
+        base = ImageFolderUnpaired(hp.predict_root, skip_corrupt=hp.skip_corrupt)
+        if hp.predict_classes:
+            classes, templates = list(hp.predict_classes), hp.templates or self.source.templates
+        else:
+            entries = self._eval_entries("zeroshot", hp.test_split)
+            if not entries:
+                raise ValueError(
+                    "predict needs class names: set data.predict_classes or a zero-shot set"
+                )
+            name, _, root = entries[0]
+            classes = list(registry.build_classes(name, root, hp.test_split).classes)
+            templates = hp.templates or registry.get_source(name).templates
+        self.predict_spec = EvalSpec(str(hp.predict_root), "predict", classes, list(templates))
+        return self._loader(PredictSet(base, self.eval_transform), hp.eval_batch_size, False, False)
 
     def eval_specs(self, stage: str) -> list[EvalSpec]:
         """The specs of the loaders last built for ``stage`` (``"val"`` or ``"test"``)."""
