@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow lint format typecheck demo bench clean
+.PHONY: install test test-slow lint format typecheck demo bench real-benchmark clean
 
 install:  ## create .venv and install the package with dev + offline extras
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench:  ## loss and training-step benchmarks (ratios against baselines in the sa
 	$(PYTHON) bench/loss.py
 	$(PYTHON) bench/step.py
 	@if [ -f ../shared/data/rsicd-mini/dataset_rsicd.json ]; then $(PYTHON) bench/data.py; else echo "bench/data.py skipped: ../shared/data/rsicd-mini not found"; fi
+
+real-benchmark:  ## rsicd-mini from the offline towers: CLIP 10% / S-CLIP 10% / CLIP 100%, 3 seeds
+	$(PYTHON) bench/real_benchmark.py --out docs
 
 clean:
 	rm -rf outputs lightning_logs .pytest_cache .ruff_cache .mypy_cache
