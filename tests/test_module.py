@@ -225,3 +225,35 @@ def test_short_keyword_encoding_is_exact():
     m.eval()
     full = m.encode_texts(m.get_buffer("keyword_tokens"))
     torch.testing.assert_close(m.encode_keywords(), full, atol=1e-5, rtol=1e-5)
+
+
+def test_one_test_run_evaluates_several_sets_with_a_template_ensemble(synthetic_root, tmp_path):
+    import json
+
+    from fixtures import write_caption_table, write_class_folder
+
+    classes = write_class_folder(tmp_path / "cls", per_class=2, classes=["lake", "forest"])
+    table = write_caption_table(tmp_path / "tab", n=10)
+    dm = SCLIPDataModule(
+        num_workers=0,
+        eval_batch_size=7,
+        zeroshot=["synthetic", f"class_folder={classes}"],
+        retrieval=["synthetic", f"caption_table={table}"],
+        templates=["an aerial photograph of {}.", "a satellite image of {}."],
+        retrieval_protocol="all",
+    )
+    m = SCLIPModule(model_name="sclip-tiny", results_dir=str(tmp_path / "res"))
+    L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).test(m, dm)
+    names = [(r["dataset"], r["task"]) for r in m.test_results]
+    assert names == [
+        ("synthetic/test", "zero-shot"),
+        (f"class_folder={classes}/test", "zero-shot"),
+        ("synthetic/test", "retrieval"),
+        (f"caption_table={table}/test", "retrieval"),
+    ]
+    rows = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert len(rows) == 4 and all(0 <= r.get("top1", 0) <= 100 for r in rows)
+    assert {"i2t_R@1", "t2i_R@10", "mean_R"} <= set(rows[2])
+    assert (tmp_path / "res" / "results.md").read_text().count("\n") >= 6
