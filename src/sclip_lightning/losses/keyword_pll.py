@@ -63,7 +63,7 @@ class KeywordPLLLoss(nn.Module):
             (release: True) or average over images with candidates only (False).
     """
 
-    def __init__(self, weighting: str = "softmax", empty_rows_in_mean: bool = False) -> None:
+    def __init__(self, weighting: str = "softmax", empty_rows_in_mean: bool = True) -> None:
         super().__init__()
         if weighting not in KEYWORD_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {KEYWORD_WEIGHTINGS}, got {weighting!r}")
