@@ -68,7 +68,9 @@ def bar_chart(
     ax.set_xticks(x, groups, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    top = max((max(v) for v in series.values() if len(v)), default=1.0)
+    ax.set_ylim(0, top * (1.3 + 0.1 * len(series)))  # headroom for the legend above the bars
+    ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
