@@ -354,12 +354,8 @@ class FashionGen(CaptionedDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         import random
 
-        from PIL import Image
-
-        if self._h5 is None:  # opened lazily: one handle per worker
-            self._h5 = _open_h5(self.file)
         row = random.choice(self.item_rows[index])
-        image = Image.fromarray(self._h5["input_image"][row]).convert("RGB")
+        image = _h5_image(self, row)
         return {
             "image": self.transform(image) if self.transform else image,
             "captions": list(self.captions[index]),
@@ -367,9 +363,23 @@ class FashionGen(CaptionedDataset):
         }
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_h5"] = None
-        return state
+        return _state_without_h5(self)
+
+
+def _h5_image(ds: Any, row: int):
+    """Row ``row`` of ``input_image`` as RGB; the file is opened lazily, once per worker."""
+    from PIL import Image
+
+    if ds._h5 is None:
+        ds._h5 = _open_h5(ds.file)
+    return Image.fromarray(ds._h5["input_image"][row]).convert("RGB")
+
+
+def _state_without_h5(ds: Any) -> dict[str, Any]:
+    """Pickle state without the open HDF5 handle (DataLoader workers reopen it)."""
+    state = ds.__dict__.copy()
+    state["_h5"] = None
+    return state
 
 
 def _open_h5(path: Path):
@@ -621,11 +631,7 @@ class FashionGenClasses(_LabelledRecords):
         self._h5: Any = None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from PIL import Image
-
-        if self._h5 is None:
-            self._h5 = _open_h5(self.file)
-        image = Image.fromarray(self._h5["input_image"][index]).convert("RGB")
+        image = _h5_image(self, index)
         return {
             "image": self.transform(image) if self.transform else image,
             "label": self.labels[index],
@@ -633,9 +639,7 @@ class FashionGenClasses(_LabelledRecords):
         }
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_h5"] = None
-        return state
+        return _state_without_h5(self)
 
 
 class PolyvoreClasses(_LabelledRecords):
