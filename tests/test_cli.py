@@ -137,3 +137,30 @@ def test_predict_writes_top_k_csv(synthetic_root, tmp_path):
     }
     assert {r["label_1"] for r in rows} <= classes and "label_3" in rows[0]
     assert all(float(r["score_1"]) >= float(r["score_2"]) >= float(r["score_3"]) for r in rows)
+
+
+def test_fit_then_test_from_checkpoint(synthetic_root, tmp_path):
+    common = [
+        "--config",
+        str(CONFIGS[0].parent / "demo_sclip.yaml"),
+        "--model.init_args.model_name=sclip-tiny",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.unpaired_batch_size=8",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.init_args.results_dir={tmp_path / 'res'}",
+    ]
+    main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+        ]
+    )
+    ckpts = sorted(tmp_path.rglob("last.ckpt"))
+    assert ckpts, list(tmp_path.rglob("*"))
+    main(["test", *common, f"--ckpt_path={ckpts[0]}"])
+    assert "zero-shot" in (tmp_path / "res" / "results.md").read_text()
