@@ -45,6 +45,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, floa
         num_workers=args.workers,
         model_name=args.model,
         hidden_labels=True,  # only to report pseudo-label accuracy; the losses never see it
+        combined_mode="max_size_cycle",  # step-based training: epoch boundaries do not matter
     )
     module = SCLIPModule(
         model_name=args.model,

@@ -208,3 +208,18 @@ def test_empty_unpaired_folder_and_missing_roots(tmp_path):
         ImageFolderUnpaired(tmp_path / "empty")
     with pytest.raises(ValueError, match="no class sub-folders"):
         ClassFolder(tmp_path / "empty")
+
+
+def test_epoch_follows_the_paired_loader_by_default(synthetic_root):
+    dm = SCLIPDataModule(num_workers=0, batch_size=10, unpaired_batch_size=10)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    iter(loader)
+    assert len(loader) == len(dm.paired_indices) // 10  # as the release
+    cyc = SCLIPDataModule(
+        num_workers=0, batch_size=10, unpaired_batch_size=10, combined_mode="max_size_cycle"
+    )
+    cyc.setup("fit")
+    loader = cyc.train_dataloader()
+    iter(loader)
+    assert len(loader) == len(cyc.unpaired_indices) // 10

@@ -194,8 +194,11 @@ class SCLIPDataModule(L.LightningDataModule):
         keyword_matching: ``"tokens"`` (whole words/phrases, case-insensitive) or
             ``"release"`` (the release's case-sensitive ``" k " in " caption "``).
         caption_sampling: ``"random"`` caption per visit (release) or ``"first"``.
-        combined_mode: CombinedLoader mode; ``"max_size_cycle"`` makes an epoch one pass
-            over the larger (usually unpaired) loader, cycling the other.
+        combined_mode: CombinedLoader mode. ``"min_size"`` (default) ends the epoch with the
+            shorter loader: one pass over the paired images when the unpaired set is larger,
+            as the release (whose epoch iterates the paired loader and draws unpaired
+            batches alongside), so ``max_epochs`` means the same for S-CLIP and the CLIP
+            baseline. ``"max_size_cycle"``: one pass over the larger loader, cycling the other.
         zeroshot: class-labelled evaluation sets as ``"name"`` (same root as ``dataset``)
             or ``"name=root"``; default: ``dataset`` itself if it has classes.
         retrieval: captioned evaluation sets, same syntax; default: ``dataset``.
@@ -236,7 +239,7 @@ class SCLIPDataModule(L.LightningDataModule):
         num_keywords: int = 100,
         keyword_matching: str = "tokens",
         caption_sampling: str = "random",
-        combined_mode: str = "max_size_cycle",
+        combined_mode: str = "min_size",
         zeroshot: list[str] | None = None,
         retrieval: list[str] | None = None,
         val_split: str = "val",
@@ -393,6 +396,16 @@ class SCLIPDataModule(L.LightningDataModule):
                     "lower label_ratio, or add unpaired images"
                 )
             loaders["unpaired"] = self._loader(unpaired, hp.unpaired_batch_size, True, True)
+            n_p, n_u = len(paired) // hp.batch_size, len(unpaired) // hp.unpaired_batch_size
+            if hp.combined_mode == "min_size" and n_u < n_p:
+                log.warning(
+                    "the unpaired loader has %d batches, fewer than the paired loader's %d: with "
+                    "combined_mode='min_size' an epoch ends after %d steps (use "
+                    "'max_size_cycle' to cycle the unpaired images)",
+                    n_u,
+                    n_p,
+                    n_u,
+                )
         return CombinedLoader(loaders, mode=hp.combined_mode)
 
     def _eval_entries(self, kind: str, split: str) -> list[tuple[str, str, Path]]:
