@@ -96,32 +96,19 @@ class UnpairedTrainSet(Dataset):
         return out
 
 
-class PredictSet(Dataset):
-    """``{"image", "path"}`` for ``predict``."""
+class KeyedSet(Dataset):
+    """``{"image", <keys>}``: the transformed image and some fields of the base item
+    (``("label",)`` for zero-shot evaluation, ``("path",)`` for ``predict``)."""
 
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.base[i]
-        return {"image": self.transform(item["image"]), "path": item["path"]}
-
-
-class ZeroShotSet(Dataset):
-    """``{"image", "label"}`` from a class dataset."""
-
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
+    def __init__(self, base, transform, keys: tuple[str, ...]):
+        self.base, self.transform, self.keys = base, transform, keys
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.base[i]
-        return {"image": self.transform(item["image"]), "label": item["label"]}
+        return {"image": self.transform(item["image"]), **{k: item[k] for k in self.keys}}
 
 
 class RetrievalSet(Dataset):
@@ -433,7 +420,10 @@ class SCLIPDataModule(L.LightningDataModule):
                     templates = hp.templates or source.templates
                     loaders.append(
                         self._loader(
-                            ZeroShotSet(base, self.eval_transform), hp.eval_batch_size, False, False
+                            KeyedSet(base, self.eval_transform, ("label",)),
+                            hp.eval_batch_size,
+                            False,
+                            False,
                         )
                     )
                     specs.append(EvalSpec(f"{label}/{split}", kind, list(base.classes), templates))
@@ -478,7 +468,9 @@ class SCLIPDataModule(L.LightningDataModule):
             classes = list(registry.build_classes(name, root, hp.test_split).classes)
             templates = hp.templates or registry.get_source(name).templates
         self.predict_spec = EvalSpec(str(hp.predict_root), "predict", classes, list(templates))
-        return self._loader(PredictSet(base, self.eval_transform), hp.eval_batch_size, False, False)
+        return self._loader(
+            KeyedSet(base, self.eval_transform, ("path",)), hp.eval_batch_size, False, False
+        )
 
     def eval_specs(self, stage: str) -> list[EvalSpec]:
         """The specs of the loaders last built for ``stage`` (``"val"`` or ``"test"``)."""

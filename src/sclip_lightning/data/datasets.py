@@ -575,6 +575,11 @@ class _LabelledRecords(_ImageRecords):
         return {"label": self.labels[index]}
 
 
+def _check_level(level: str) -> None:
+    if level not in ("category", "subcategory"):
+        raise ValueError(f"level must be 'category' or 'subcategory', got {level!r}")
+
+
 class Fashion200kClasses(_LabelledRecords):
     """Fashion200k zero-shot: every listed image, labelled by its ``category`` (2nd path
     component, e.g. ``dresses``) or ``subcategory`` (3rd, e.g. ``casual_and_day_dresses``)."""
@@ -588,8 +593,7 @@ class Fashion200kClasses(_LabelledRecords):
         skip_corrupt: bool = False,
     ) -> None:
         super().__init__(transform, skip_corrupt)
-        if level not in ("category", "subcategory"):
-            raise ValueError(f"level must be 'category' or 'subcategory', got {level!r}")
+        _check_level(level)
         root = _require(Path(root), "Fashion200k root", Fashion200k.LAYOUT)
         split = {"val": "test"}.get(split, split)
         pairs = []
@@ -617,8 +621,7 @@ class FashionGenClasses(_LabelledRecords):
         skip_corrupt: bool = False,
     ) -> None:
         super().__init__(transform, skip_corrupt)
-        if level not in ("category", "subcategory"):
-            raise ValueError(f"level must be 'category' or 'subcategory', got {level!r}")
+        _check_level(level)
         root = _require(Path(root), "FashionGen root", FashionGen.LAYOUT)
         split = {"val": "validation", "test": "validation"}.get(split, split)
         self.file = _require(
