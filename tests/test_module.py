@@ -257,3 +257,15 @@ def test_one_test_run_evaluates_several_sets_with_a_template_ensemble(synthetic_
     assert len(rows) == 4 and all(0 <= r.get("top1", 0) <= 100 for r in rows)
     assert {"i2t_R@1", "t2i_R@10", "mean_R"} <= set(rows[2])
     assert (tmp_path / "res" / "results.md").read_text().count("\n") >= 6
+
+
+def test_eval_deduplicates_images_repeated_by_distributed_samplers():
+    from sclip_lightning.module import _captions_of_first_copy, _unique_first
+
+    idx = torch.tensor([0, 1, 2, 0])  # image 0 padded in twice
+    owner = torch.tensor([0, 0, 1, 2, 0, 0])  # its 2 captions arrive twice
+    assert _captions_of_first_copy(owner, idx).tolist() == [True, True, True, True, False, False]
+    uniq, first = _unique_first(idx)
+    assert uniq.tolist() == [0, 1, 2] and first.tolist() == [0, 1, 2]
+    no_dup = _captions_of_first_copy(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert no_dup.tolist() == [True, True]
