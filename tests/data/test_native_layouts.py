@@ -122,3 +122,20 @@ def test_simpsons_captions(tmp_path, form):
     assert not {str(p) for p in train.paths} & {str(p) for p in val.paths}
     item = val[0]
     assert item["image"].mode == "RGB" and item["captions"][0].startswith("a cartoon of")
+
+
+def test_remote_sensing_class_folder_sources(tmp_path):
+    from fixtures import write_class_folder
+
+    from sclip_lightning.data.registry import build_classes, build_unpaired, get_source
+
+    write_class_folder(tmp_path / "UCMerced_LandUse" / "Images", 2, ["agricultural", "beach"])
+    write_class_folder(tmp_path / "RSSCN7", 2, ["aGrass", "bRiver"])
+    write_class_folder(tmp_path / "AID", 2, ["BareLand", "Park"])
+    ucm = build_classes("ucm_cls", tmp_path / "UCMerced_LandUse", None)
+    assert ucm.classes == ["agricultural", "beach"] and len(ucm) == 4
+    assert len(build_unpaired("ucm_cls", tmp_path / "UCMerced_LandUse")) == 4
+    assert build_classes("rsscn7", tmp_path / "RSSCN7", None).classes == ["grass", "river"]
+    for name in ("aid", "whu_rs19", "resisc45"):
+        assert build_classes(name, tmp_path / "AID", None).classes == ["bare land", "park"]
+        assert get_source(name).templates == ["an aerial photograph of {}."]

@@ -52,6 +52,21 @@ def _polyvore_split(split: str | None) -> str:
     return {"val": "valid"}.get(split, split)
 
 
+def _class_folder_source(subdir: str | None = None, drop_letter_prefix: bool = False) -> Source:
+    """A remote-sensing ``<class>/<images>`` set (zero-shot or unpaired) under ``root[/subdir]``."""
+
+    def build(root: Path, **kw: Any) -> Dataset:
+        folder = Path(root) / subdir if subdir else Path(root)
+        return ds.ClassFolder(folder, drop_letter_prefix=drop_letter_prefix, **kw)
+
+    return Source(
+        classes=lambda root, split, **kw: build(root, **kw),
+        unpaired=build,
+        resolve_root=_need_root,
+        templates=list(AERIAL_TEMPLATES),
+    )
+
+
 def _synthetic_root(root: str | None) -> Path:
     return synthetic.ensure_synthetic(root)
 
@@ -86,36 +101,11 @@ SOURCES: dict[str, Source] = {
         resolve_root=_need_root,
         templates=list(AERIAL_TEMPLATES),
     ),
-    "ucm_cls": Source(
-        classes=lambda root, split, **kw: ds.ClassFolder(Path(root) / "Images", **kw),
-        unpaired=lambda root, **kw: ds.ClassFolder(Path(root) / "Images", **kw),
-        resolve_root=_need_root,
-        templates=list(AERIAL_TEMPLATES),
-    ),
-    "whu_rs19": Source(
-        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
-        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
-        resolve_root=_need_root,
-        templates=list(AERIAL_TEMPLATES),
-    ),
-    "rsscn7": Source(
-        classes=lambda root, split, **kw: ds.ClassFolder(root, drop_letter_prefix=True, **kw),
-        unpaired=lambda root, **kw: ds.ClassFolder(root, drop_letter_prefix=True, **kw),
-        resolve_root=_need_root,
-        templates=list(AERIAL_TEMPLATES),
-    ),
-    "aid": Source(
-        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
-        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
-        resolve_root=_need_root,
-        templates=list(AERIAL_TEMPLATES),
-    ),
-    "resisc45": Source(
-        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
-        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
-        resolve_root=_need_root,
-        templates=list(AERIAL_TEMPLATES),
-    ),
+    "ucm_cls": _class_folder_source("Images"),
+    "whu_rs19": _class_folder_source(),
+    "rsscn7": _class_folder_source(drop_letter_prefix=True),
+    "aid": _class_folder_source(),
+    "resisc45": _class_folder_source(),
     "fashion200k": Source(
         captioned=lambda root, split, **kw: ds.Fashion200k(root, split=split, **kw),
         classes=lambda root, split, **kw: ds.Fashion200kClasses(root, split=split or "test", **kw),
