@@ -17,6 +17,7 @@ import warnings
 
 import lightning as L
 import torch
+from helpers import quiet_cpu_trainer
 from torch.utils.data import DataLoader, Dataset
 
 from sclip_lightning import SCLIPModule
@@ -81,17 +82,11 @@ def main() -> None:
         warmup_steps=0,
         scheduler="constant",
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads: dict[str, torch.Tensor] = {}

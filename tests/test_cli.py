@@ -123,18 +123,9 @@ def test_predict_writes_top_k_csv(synthetic_root, tmp_path):
     )
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert len(rows) == len(list(folder.glob("*.png")))
-    classes = {
-        "forest",
-        "farmland",
-        "lake",
-        "river",
-        "beach",
-        "residential area",
-        "industrial area",
-        "parking lot",
-        "desert",
-        "baseball field",
-    }
+    from sclip_lightning.data.synthetic import CLASSES
+
+    classes = set(CLASSES)
     assert {r["label_1"] for r in rows} <= classes and "label_3" in rows[0]
     assert all(float(r["score_1"]) >= float(r["score_2"]) >= float(r["score_3"]) for r in rows)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from helpers import quiet_cpu_trainer
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
 
@@ -16,17 +17,7 @@ def run(seed: int, tmp_path) -> tuple[list[dict], torch.Tensor]:
     m = SCLIPModule(
         model_name="sclip-tiny", lr=1e-3, warmup_steps=2, results_dir=str(tmp_path / f"r{seed}")
     )
-    t = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        limit_test_batches=2,
-    )
+    t = quiet_cpu_trainer(max_steps=6, deterministic=True, limit_test_batches=2)
     t.fit(m, dm)
     t.test(m, dm, verbose=False)
     return m.test_results, m.model.visual.conv1.weight.detach().clone()

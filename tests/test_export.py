@@ -8,6 +8,7 @@ import lightning as L
 import open_clip
 import pytest
 import torch
+from helpers import quiet_cpu_trainer
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
 from sclip_lightning.export import export, main
@@ -17,16 +18,7 @@ def test_exported_weights_give_the_same_features(synthetic_root, tmp_path, capsy
     L.seed_everything(0)
     dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8)
     module = SCLIPModule(model_name="sclip-tiny", lr=1e-3)
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_cpu_trainer(max_steps=3, default_root_dir=tmp_path)
     trainer.fit(module, dm)
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import quiet_cpu_trainer
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
 from sclip_lightning.metrics import retrieval_ranks, retrieval_recall
@@ -84,15 +85,7 @@ def test_optimizer_groups_and_logit_scale_clamp(synthetic_root):
     L.seed_everything(0)
     dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8)
     m = SCLIPModule(model_name="sclip-tiny", lr=1.0, warmup_steps=2)  # huge lr: scale explodes
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_cpu_trainer(max_steps=3)
     trainer.fit(m, dm)
     assert float(m.model.logit_scale) <= math.log(100) + 1e-6
     opt = trainer.optimizers[0]
@@ -109,15 +102,7 @@ def test_optimizer_groups_and_logit_scale_clamp(synthetic_root):
 def test_lr_schedule_warmup_then_cosine(synthetic_root):
     dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8)
     m = SCLIPModule(model_name="sclip-tiny", lr=0.1, warmup_steps=4)
-    trainer = L.Trainer(
-        max_steps=12,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_cpu_trainer(max_steps=12)
     lrs = []
 
     class Rec(L.Callback):
@@ -198,15 +183,7 @@ def test_pseudo_label_accuracy_metric():
 def test_hidden_labels_are_logged_during_training(synthetic_root):
     dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8, hidden_labels=True)
     m = SCLIPModule(model_name="sclip-tiny")
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_cpu_trainer(max_steps=2)
     trainer.fit(m, dm)
     acc = float(trainer.callback_metrics["train/pseudo_label_acc_step"])
     assert 0.0 <= acc <= 1.0
