@@ -2,8 +2,11 @@
 
 For B_p = B_u in {32, 128, 512, 1024}, D = 512, K = 45 it times
   - open_clip's ClipLoss on the paired batch (what plain CLIP pays),
-  - SCLIPLoss recommended (log-domain OT, detached plan, softmax keyword weights),
-  - SCLIPLoss released (POT-order Sinkhorn in float64, plan not detached),
+  - SCLIPLoss recommended (log-domain OT, gradients through the plan, softmax keyword
+    weights),
+  - SCLIPLoss released (POT-order Sinkhorn in float64, gradients through the plan),
+  - the matrix-product floor: only the products any S-CLIP implementation needs (the
+    caption logits s Y [X; U]^T and the OT similarity U X^T, forward and backward),
   - the loop-form reimplementation of the release (bench/release_reference.py: POT call and a
     Python loop over unpaired images), skipped above --max-loop-b,
 and prints medians and the ratios. Usage: python bench/loss.py [--sizes 32 128] [--reps 5]
@@ -63,7 +66,7 @@ def main(argv=None):
     )
     header = (
         f"{'B':>6} {'ClipLoss ms':>12} {'recommended ms':>15} {'released ms':>12} "
-        f"{'loop ms':>10} {'rec/Clip':>9} {'rel/Clip':>9} {'loop/rec':>9} {'loop/rel':>9}"
+        f"{'loop ms':>10} {'floor ms':>9} {'floor/Clip':>10} {'rec/Clip':>9} {'rel/Clip':>9} {'loop/rec':>9} {'loop/rel':>9}"
     )
     print(header)
     for b in args.sizes:
@@ -78,16 +81,22 @@ def main(argv=None):
 
             return f
 
+        def run_floor():
+            logits = (s * y) @ torch.cat([x, u]).T
+            (logits.sum() + (u @ x.T).sum()).backward()
+
         def run_loop():
             sum(release_loss(x, y, s, u, k, cand).values()).backward()
 
         t_clip = timeit(run_clip, args.reps)
         t_rec = timeit(run(rec), args.reps)
         t_rel = timeit(run(rel), args.reps)
+        t_floor = timeit(run_floor, args.reps)
         t_loop = timeit(run_loop, max(1, args.reps // 2)) if b <= args.max_loop_b else float("nan")
         print(
             f"{b:>6} {1e3 * t_clip:>12.2f} {1e3 * t_rec:>15.2f} {1e3 * t_rel:>12.2f} "
-            f"{1e3 * t_loop:>10.1f} {t_rec / t_clip:>9.2f} {t_rel / t_clip:>9.2f} "
+            f"{1e3 * t_loop:>10.1f} {1e3 * t_floor:>9.2f} {t_floor / t_clip:>10.2f} "
+            f"{t_rec / t_clip:>9.2f} {t_rel / t_clip:>9.2f} "
             f"{t_loop / t_rec:>9.1f} {t_loop / t_rel:>9.1f}",
             flush=True,
         )

@@ -109,6 +109,61 @@ def test_ot_plan_has_uniform_marginals_when_converged():
     torch.testing.assert_close(gamma.sum(1), torch.ones(8, dtype=gamma.dtype))
 
 
+@pytest.mark.parametrize("solver", ["pot", "log"])
+@pytest.mark.parametrize("n,m,s,iters", [(7, 5, 30.0, 10), (16, 16, 100.0, 10), (5, 9, 1.0, 3),
+                                         (12, 4, 100.0, 1), (1, 1, 50.0, 10), (1, 6, 50.0, 2)])
+def test_fast_sinkhorn_backward_equals_unrolled_autograd(solver, n, m, s, iters):
+    """SinkhornAssign's low-rank backward is the exact gradient of the unrolled iterations."""
+    from sclip_lightning.losses.functional import SinkhornAssign
+
+    cost = (1 - feats(n, seed=n) @ feats(m, seed=m + 50).T).requires_grad_(True)
+    reg = torch.tensor(1 / s, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grads(gamma):
+        return torch.autograd.grad((gamma * g).sum(), (cost, reg))
+
+    fast = SinkhornAssign.apply(cost, reg, iters, solver)
+    log_k, log_v = sinkhorn_log(cost, reg, iters)
+    ref = torch.softmax(log_k + log_v, dim=-1)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-13)
+    for got, want in zip(grads(fast), grads(ref)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_fast_sinkhorn_passes_gradcheck():
+    from sclip_lightning.losses.functional import SinkhornAssign
+
+    cost = (1 - feats(4, seed=1) @ feats(3, seed=2).T).requires_grad_(True)
+    reg = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    for solver in ("pot", "log"):
+        assert torch.autograd.gradcheck(lambda c, r: SinkhornAssign.apply(c, r, 5, solver), (cost, reg))
+
+
+@pytest.mark.parametrize("solver", ["pot", "log"])
+def test_ot_assign_gradients_match_the_unrolled_reference_in_float32(solver):
+    q = feats(64, seed=11, dtype=torch.float32).requires_grad_(True)
+    p = feats(48, seed=12, dtype=torch.float32).requires_grad_(True)
+    scale = torch.tensor(100.0, requires_grad=True)
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad((ot_assign(q, p, 1 / scale, 10, solver) * w).sum(), (q, p, scale))
+    q64, p64, s64 = (t.detach().double().requires_grad_(True) for t in (q, p, scale))
+    plan = sinkhorn_pot(1 - q64 @ p64.T, 1 / s64, 10)
+    ref = plan / plan.sum(1, keepdim=True)
+    want = torch.autograd.grad((ref * w.double()).sum(), (q64, p64, s64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+
+
+def test_ot_assign_falls_back_to_autograd_beyond_the_fast_backward_range():
+    q = feats(6, seed=13, dtype=torch.float32).requires_grad_(True)
+    p = feats(5, seed=14, dtype=torch.float32)
+    gamma = ot_assign(q, p, 1e-3, 10, "log")  # 2 / reg = 2000: float64 factors could overflow
+    assert gamma.grad_fn is not None and "Sinkhorn" not in type(gamma.grad_fn).__name__
+    (grad,) = torch.autograd.grad((gamma * torch.arange(5.0)).sum(), q)
+    assert torch.isfinite(grad).all()
+
+
 # ----------------------------------------------------------------- assigners
 def test_assigners_against_loops():
     x, y, u, _, _ = batch(6, 5)

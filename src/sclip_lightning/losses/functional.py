@@ -111,6 +111,114 @@ def _logsumexp_owned(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
 
 
+#: Largest ``(max cost - min cost) / reg`` for which :class:`SinkhornAssign`'s float64
+#: backward cannot overflow (exp(700) < float64 max). Cosine costs span at most 2, so this
+#: holds for ``reg >= 1/350`` (CLIP clamps ``s = 1/reg`` at 100).
+FAST_BACKWARD_MAX_SPREAD = 700.0
+
+
+class SinkhornAssign(torch.autograd.Function):
+    """Row-normalised Sinkhorn plan ``Gamma`` for a cost ``C`` and regularisation ``reg``.
+
+    Same iterates as :func:`sinkhorn_pot` / :func:`sinkhorn_log` (uniform marginals, POT's
+    order: ``v`` then ``u``, starting from ``u = 1/n``), and the *exact* gradient of the
+    unrolled iterations (into ``C`` and ``reg``), but without storing or recomputing one
+    (n, m) matrix per iteration: every matrix the unrolled backward touches is
+    ``exp(L + x_t (+) y_t)`` with ``L = -C/reg`` and potentials ``x_t, y_t`` saved in the
+    forward (vectors), i.e. ``Gamma`` rescaled by ``diag(exp(x_t - x_T))`` and
+    ``diag(exp(y_t - y_T))``. The backward therefore runs 2T matrix-vector products with
+    ``Gamma`` and one rank-(2T+1) update ``dL = Gamma * (g - A B^T)`` in float64, instead
+    of back-propagating 2T exp/log-sum-exp passes.
+
+    Forward solvers: ``"pot"`` multiplicative updates in float64 (the release);
+    ``"log"`` log-domain updates in the cost's dtype (exact in float32 for any reg).
+    The backward's float64 factors cannot overflow while ``spread(C) / reg <=
+    FAST_BACKWARD_MAX_SPREAD``; :func:`ot_assign` falls back to plain autograd beyond.
+
+    ``apply(cost, reg, num_iters, solver)``: cost (n, m) with n, m >= 1; reg a 0-d tensor
+    or a float. Returns (n, m) ``Gamma`` in the cost's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, cost, reg, num_iters: int, solver: str):  # type: ignore[override]
+        n, m = cost.shape
+        log_a, log_b = -math.log(n), -math.log(m)
+        lus = cost.new_empty((num_iters + 1, n), dtype=torch.float64)
+        lvs = cost.new_empty((num_iters, m), dtype=torch.float64)
+        if solver == "pot":
+            # as POT: K = exp(C / -reg) in float64 (one buffer, in place)
+            kernel = cost.to(torch.float64, copy=True)
+            kernel.div_(-(reg.double() if isinstance(reg, torch.Tensor) else reg)).exp_()
+            kernel_t = kernel.T  # a transposed BLAS matvec beats a transposing copy
+            lus[0] = 1.0 / n
+            u = lus[0]
+            for t in range(num_iters):
+                torch.div(1.0 / m, kernel_t @ u, out=lvs[t])
+                torch.div(1.0 / n, kernel @ lvs[t], out=lus[t + 1])
+                u = lus[t + 1]
+            # u_T = a / (K v_T), so u_T K v_T / a is the plan with rows renormalised
+            gamma = kernel.mul_(lvs[-1]).mul_((lus[-1] * n).unsqueeze(-1))
+            lus.log_()
+            lvs.log_()
+            ctx.save_for_backward(cost, reg if isinstance(reg, torch.Tensor) else None, gamma)
+        else:
+            log_kernel = cost / (-reg)
+            log_kernel_t = log_kernel.T.contiguous()  # contiguous column reductions
+            lus[0] = log_a
+            lu = log_kernel.new_full((n,), log_a)
+            for t in range(num_iters):
+                lv = log_b - _logsumexp_owned(log_kernel_t + lu)
+                lu = log_a - _logsumexp_owned(log_kernel + lv)
+                lvs[t] = lv
+                lus[t + 1] = lu
+            gamma = torch.softmax(log_kernel.add_(lv), dim=-1)
+            ctx.save_for_backward(cost, reg if isinstance(reg, torch.Tensor) else None, None)
+        ctx.reg = reg
+        ctx.potentials = (lus, lvs)
+        return gamma.to(cost.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gamma: torch.Tensor):  # type: ignore[override]
+        cost, reg_t, gamma = ctx.saved_tensors
+        lus, lvs = ctx.potentials
+        reg = ctx.reg if reg_t is None else reg_t.double()
+        n, m = cost.shape
+        num_iters = lvs.shape[0]
+        a, b = 1.0 / n, 1.0 / m
+        if gamma is None:  # log solver: Gamma = exp(L + lu_T (+) lv_T) / a in float64
+            gamma = cost.to(torch.float64, copy=True).div_(-reg)
+            gamma.add_(lvs[-1]).add_((lus[-1] - math.log(a)).unsqueeze(-1)).exp_()
+        g = grad_gamma
+        gg = gamma * g
+        row_dot = gg.sum(dim=-1)  # softmax backward: dZ = Gamma * (g - row_dot)
+        d_lv = gg.sum(dim=0).sub_(gamma.T @ row_dot)  # Gamma depends on v_T (u_T cancels)
+        del gg
+        ex = (lus - lus[-1]).exp_()  # (T+1, n): exp(x_t - x_T)
+        ey = (lvs - lvs[-1]).exp_()  # (T, m)
+        # dL = Gamma * (g - row_dot 1^T - sum_k left_k right_k^T)
+        left, right = [row_dot], [torch.ones_like(d_lv)]
+        d_lu = None
+        for t in range(num_iters - 1, -1, -1):
+            if d_lu is not None:  # u_{t+1} = a / (K v_{t+1}): row log-sum-exp of L + lv
+                w = ex[t + 1] * d_lu
+                left.append(w)
+                right.append(ey[t])
+                d_lv = -(ey[t] * (gamma.T @ w))
+            # v_{t+1} = b / (K^T u_t): column log-sum-exp of L + lu_t
+            w = ey[t] * d_lv * (a / b)
+            left.append(ex[t])
+            right.append(w)
+            d_lu = -(ex[t] * (gamma @ w))
+        d_log_kernel = torch.stack(left, dim=1) @ torch.stack(right, dim=0)
+        d_log_kernel = torch.sub(g, d_log_kernel, out=d_log_kernel).mul_(gamma)
+        d_reg = None
+        if reg_t is not None and ctx.needs_input_grad[1]:  # L = -C / reg
+            d_reg = ((d_log_kernel * cost).sum() / reg**2).to(reg_t.dtype)
+        d_cost = d_log_kernel.div_(-reg).to(cost.dtype) if ctx.needs_input_grad[0] else None
+        return d_cost, d_reg, None, None
+
+
 def ot_assign(
     query: torch.Tensor,
     support: torch.Tensor,
@@ -121,7 +229,10 @@ def ot_assign(
     """Caption-level pseudo-labels by entropic optimal transport (S-CLIP, eq. of Sec. 3.1).
 
     Cost ``C = 1 - query @ support^T``; uniform marginals; the plan's rows renormalised to
-    sum to one.
+    sum to one. Gradients flow through the unrolled iterations into both features and
+    ``reg`` (the release's behaviour), via :class:`SinkhornAssign`'s low-rank backward
+    when ``2 / reg <= FAST_BACKWARD_MAX_SPREAD`` (always for a tensor ``reg = 1/s``: keep
+    ``s <= 350``; CLIP clamps it at 100) and plain autograd otherwise.
 
     Args:
         query: (B_u, D) L2-normalised unpaired image features.
@@ -136,14 +247,17 @@ def ot_assign(
     """
     if solver not in SINKHORN_SOLVERS:
         raise ValueError(f"solver must be one of {SINKHORN_SOLVERS}, got {solver!r}")
-    if solver == "pot":
-        cost = (1.0 - query @ support.T).double()  # as released: float cost, cast to float64
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    cost = 1.0 - (query.to(dtype) @ support.to(dtype).T)  # the release: float32 cost
+    fast = isinstance(reg, torch.Tensor) or 2.0 / reg <= FAST_BACKWARD_MAX_SPREAD
+    if fast and cost.numel() > 0:
+        reg_ = reg.to(dtype) if isinstance(reg, torch.Tensor) else float(reg)
+        gamma = SinkhornAssign.apply(cost, reg_, num_iters, solver)
+    elif solver == "pot":
         reg_ = reg.double() if isinstance(reg, torch.Tensor) else float(reg)
-        plan = sinkhorn_pot(cost, reg_, num_iters)
+        plan = sinkhorn_pot(cost.double(), reg_, num_iters)
         gamma = plan / plan.sum(dim=-1, keepdim=True)
     else:
-        dtype = torch.promote_types(query.dtype, torch.float32)
-        cost = 1.0 - (query.to(dtype) @ support.to(dtype).T)
         reg_ = reg.to(dtype) if isinstance(reg, torch.Tensor) else float(reg)
         log_kernel, log_v = sinkhorn_log(cost, reg_, num_iters)
         gamma = torch.softmax(log_kernel + log_v.unsqueeze(-2), dim=-1)

@@ -16,6 +16,7 @@ def keyword_targets(
     candidates: torch.Tensor,
     logit_scale: torch.Tensor | float,
     weighting: str = "softmax",
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Partial-label targets over the keyword vocabulary.
 
@@ -30,13 +31,16 @@ def keyword_targets(
         candidates: (B_u, K) bool candidate sets.
         logit_scale: the scale ``s``.
         weighting: ``"linear" | "softmax"``.
+        logits: optional precomputed ``s * unpaired_features @ keyword_features.T``.
 
     Returns:
         (B_u, K) float targets, rows summing to 1 (or 0 without candidates).
     """
     if weighting not in KEYWORD_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {KEYWORD_WEIGHTINGS}, got {weighting!r}")
-    sim = (logit_scale * unpaired_features @ keyword_features.T).detach()
+    if logits is None:
+        logits = (unpaired_features @ keyword_features.T) * logit_scale
+    sim = logits.detach()
     mask = candidates.to(sim.dtype)
     count = mask.sum(dim=-1, keepdim=True)
     if weighting == "linear":
@@ -86,9 +90,9 @@ class KeywordPLLLoss(nn.Module):
         """
         nearest = plan.detach().argmax(dim=-1)
         candidates = paired_candidates[nearest]
+        logits = (unpaired_features @ keyword_features.T) * logit_scale
         targets = keyword_targets(
-            unpaired_features, keyword_features, candidates, logit_scale, self.weighting
+            unpaired_features, keyword_features, candidates, logit_scale, self.weighting, logits
         )
-        logits = logit_scale * unpaired_features @ keyword_features.T
         row_weight = None if self.empty_rows_in_mean else candidates.any(dim=-1).to(logits.dtype)
         return soft_cross_entropy(logits, targets, row_weight)
