@@ -19,3 +19,35 @@ def quiet_cpu_trainer(**overrides: Any) -> L.Trainer:
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+class StallAfterStep(L.Callback):
+    """Test helper: after optimiser step ``step`` write ``marker`` and hang (to be killed)."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import pathlib
+            import time
+
+            pathlib.Path(self.marker).write_text(str(self.step))
+            time.sleep(600)
+
+
+class DumpBatches(L.Callback):
+    """Debug helper: append each step's paired/unpaired indices and RNG digest to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, idx: int) -> None:
+        import torch
+
+        with open(self.path, "a") as f:
+            f.write(
+                f"{trainer.global_step} {batch['paired']['index'].tolist()} "
+                f"{batch['unpaired']['index'].tolist()[:4]} {float(batch['paired']['image'].sum()):.6f} "
+                f"{int(torch.get_rng_state().sum())}\n"
+            )

@@ -28,6 +28,9 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        trainer_defaults={
+            "plugins": [{"class_path": "sclip_lightning.checkpoint.AtomicCheckpointIO"}]
+        },
         save_config_kwargs={"overwrite": True},
         args=args,
     )

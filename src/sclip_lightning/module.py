@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchmetrics.classification import MulticlassAccuracy
@@ -21,6 +23,7 @@ from sclip_lightning.results import markdown_table, write_results
 log = logging.getLogger(__name__)
 
 METHODS = ("sclip", "clip")
+NONFINITE = ("raise", "skip")
 
 
 class SCLIPModule(L.LightningModule):
@@ -63,6 +66,14 @@ class SCLIPModule(L.LightningModule):
         results_dir: where ``test`` writes results.{md,csv,json} and ``predict`` writes
             predictions.csv (default: the logger's dir).
         predict_top_k: labels (with probabilities) per image written by ``predict``.
+        nonfinite: what a non-finite loss or gradient does. Either way the optimiser update
+            of that step is not applied (decided on the device: no host sync per step).
+            ``"raise"`` stops training with an error naming the first such step and the loss
+            terms; ``"skip"`` goes on and counts the skipped steps
+            (``train/nonfinite_steps``, warned at every check).
+        nonfinite_check_every_n_steps: how often the host reads the device-side flag
+            (None: the trainer's ``log_every_n_steps``); also checked at every epoch end and
+            before every checkpoint, so a checkpoint never follows an unreported blow-up.
     """
 
     @property
@@ -109,8 +120,12 @@ class SCLIPModule(L.LightningModule):
         eval_max_elements: int = 1 << 24,
         results_dir: str | None = None,
         predict_top_k: int = 5,
+        nonfinite: str = "raise",
+        nonfinite_check_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if objective not in PRESETS:
@@ -134,6 +149,12 @@ class SCLIPModule(L.LightningModule):
         self.configure_models()
         self.configure_losses()
         self.test_results: list[dict[str, Any]] = []
+        # device-side record of non-finite steps: first step, its loss terms, the count
+        self.register_buffer("nonfinite_first_step", torch.tensor(-1), persistent=True)
+        self.register_buffer("nonfinite_first_terms", torch.zeros(3), persistent=True)
+        self.register_buffer("nonfinite_steps", torch.tensor(0), persistent=True)
+        self._step_terms: torch.Tensor | None = None
+        self._reported_nonfinite = 0
 
     # ------------------------------------------------------------------ hooks
     def configure_models(self) -> None:
@@ -291,6 +312,7 @@ class SCLIPModule(L.LightningModule):
         if ramp < 1.0:
             losses = {k: v if k == "contrastive_loss" else v * ramp for k, v in losses.items()}
         total = sum(losses.values())
+        self._step_terms = torch.stack([v.detach().float() for v in losses.values()])
         bs = batch["paired"]["image"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
@@ -335,6 +357,100 @@ class SCLIPModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self._hp.max_logit_scale))
+        every = self._hp.nonfinite_check_every_n_steps or self.trainer.log_every_n_steps
+        if self.trainer.global_step % max(1, every) == 0:
+            self.check_nonfinite()
+
+    # ------------------------------------------------------- numerical safety
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Flag a non-finite loss or gradient on the device and cancel this update.
+
+        With an optimiser that accepts ``found_inf`` (fused AdamW, the default) the update
+        is skipped inside its kernel; otherwise the gradients are dropped after a host check.
+        Under ``16-mixed`` the GradScaler owns gradient overflow (it skips and rescales), so
+        only the loss is checked.
+        """
+        if self._step_terms is None:
+            return
+        bad = (~torch.isfinite(self._step_terms)).any().float()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            bad = torch.maximum(bad, _nonfinite_grads(self.parameters(), bad.device))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+        flag = bad > 0
+        new = flag & (self.nonfinite_first_step < 0)
+        step = torch.as_tensor(self.trainer.global_step, device=flag.device)
+        self.nonfinite_first_step.copy_(torch.where(new, step, self.nonfinite_first_step))
+        self.nonfinite_first_terms.copy_(
+            torch.where(new, self._step_terms, self.nonfinite_first_terms)
+        )
+        self.nonfinite_steps.add_(flag.long())
+        self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
+        if scaler is not None:
+            return
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = bad  # type: ignore[attr-defined]
+        elif bool(flag):  # host sync: only for optimisers without found_inf support
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def check_nonfinite(self) -> None:
+        """Read the device-side flag (one host sync); raise or warn per ``nonfinite``."""
+        first = int(self.nonfinite_first_step)
+        if first < 0:
+            return
+        names = ("contrastive_loss", "caption_loss", "keyword_loss")
+        terms = ", ".join(
+            f"{n}={v:.4g}" for n, v in zip(names, self.nonfinite_first_terms.tolist())
+        )
+        if self._hp.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite loss or gradient at training step {first} ({terms}); its update "
+                "was not applied. Lower the learning rate, check the data of that step, use "
+                "objective='recommended' (log-domain OT, bounded keyword weights), or set "
+                "model.nonfinite='skip' to skip such steps and count them."
+            )
+        count = int(self.nonfinite_steps)
+        if count > self._reported_nonfinite:
+            log.warning(
+                "skipped %d training step(s) with a non-finite loss or gradient so far "
+                "(first: step %d, %s)",
+                count,
+                first,
+                terms,
+            )
+            self._reported_nonfinite = count
+
+    def on_train_epoch_end(self) -> None:
+        self.check_nonfinite()
+
+    def on_train_end(self) -> None:
+        self.check_nonfinite()
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to checkpoint after an unreported blow-up; save the random states."""
+        if self._trainer is not None and self.trainer.training:
+            self.check_nonfinite()
+        checkpoint["sclip_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random states, so a resumed run draws what the original would have."""
+        state = checkpoint.get("sclip_rng")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+        random.setstate(state["python"])
 
     def configure_optimizers(self):
         hp: Any = self.hparams
@@ -356,7 +472,13 @@ class SCLIPModule(L.LightningModule):
             },
             {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
         ]
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        # fused AdamW takes the device-side non-finite flag (see on_before_optimizer_step)
+        fused = all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in params
+        )
+        opt = torch.optim.AdamW(
+            groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = hp.warmup_steps
 
@@ -537,6 +659,39 @@ class SCLIPModule(L.LightningModule):
             out = self._hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
             paths = write_results(rows, Path(out))
             print("\n" + markdown_table(rows) + f"\n(written to {paths['md'].parent})")
+
+
+def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
+    """NumPy's legacy RNG state as tensors and numbers (loadable with ``weights_only``)."""
+    name, keys, pos, has_gauss, gauss = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+
+
+def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]
+
+
+def _nonfinite_grads(params: Any, device: torch.device) -> torch.Tensor:
+    """1.0 if any gradient holds a NaN or Inf, else 0.0, as a device tensor (no host sync)."""
+    found = torch.zeros((), device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for (dev, _), grads in groups.items():
+        local = torch.zeros((), device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            grads, local, torch.ones((), device=dev)
+        )
+        found = torch.maximum(found, local.to(device))
+    return found
 
 
 def _unique_first(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

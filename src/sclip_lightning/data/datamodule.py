@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sclip_lightning.data import registry
 from sclip_lightning.data.keywords import KeywordMatcher, load_keywords, mine_keywords
+from sclip_lightning.data.sampling import ResumableLoader, seeded
 from sclip_lightning.models import build_tokenizer, build_transforms
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,10 @@ class PairedTrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        return seeded(key, self._get)
+
+    def _get(self, i: int) -> dict[str, Any]:
         item = self.base[self.indices[i]]
         caps = item["captions"]
         j = int(torch.randint(len(caps), ()).item()) if self.caption_sampling == "random" else 0
@@ -88,7 +92,10 @@ class UnpairedTrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        return seeded(key, self._get)
+
+    def _get(self, i: int) -> dict[str, Any]:
         item = self.base[self.indices[i]]
         out = {"image": self.transform(item["image"]), "index": self.indices[i]}
         if self.hidden_labels:
@@ -169,6 +176,10 @@ class SCLIPDataModule(L.LightningDataModule):
         unpaired_root: its root.
         label_ratio: fraction of the captioned train images kept as pairs, in (0, 1].
         split_seed: seed of the paired/unpaired split.
+        order_seed: seed of the training order and of each sample's augmentation and caption
+            draw (``None``: the global seed, ``torch.initial_seed()``, as set by
+            ``seed_everything``). The order is a function of (seed, epoch), so a run resumed
+            mid-epoch from a checkpoint continues on exactly the same batches.
         batch_size: paired images per device and step.
         unpaired_batch_size: unpaired images per device and step.
         eval_batch_size: images per evaluation batch.
@@ -216,6 +227,7 @@ class SCLIPDataModule(L.LightningDataModule):
         unpaired_root: str | None = None,
         label_ratio: float = 0.1,
         split_seed: int = 0,
+        order_seed: int | None = None,
         batch_size: int = 32,
         unpaired_batch_size: int = 32,
         eval_batch_size: int = 128,
@@ -347,6 +359,48 @@ class SCLIPDataModule(L.LightningDataModule):
             **kw,
         )
 
+    def _train_loader(self, ds: Dataset, batch_size: int, stream: int) -> ResumableLoader:
+        nw = self._hp.num_workers
+        seed = self._hp.order_seed
+        loader = ResumableLoader(
+            ds,
+            batch_size,
+            seed=torch.initial_seed() if seed is None else seed,
+            stream=stream,
+            progress=self._progress,
+            num_workers=nw,
+            persistent_workers=nw > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        position = getattr(self, "_resume_position", None)
+        if position is not None:
+            loader.load_state_dict(position)
+        return loader
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where in the training order the run stands."""
+        epoch, consumed = self._progress()
+        return {"train_position": {"epoch": epoch, "consumed_batches": consumed}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called on resume before any loader exists; the loaders start at the position.
+
+        (Lightning also hands each loader its own state, but only when the loaders are
+        built after the training state is restored; this path does not depend on it.)
+        """
+        self._resume_position = state_dict.get("train_position")
+
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, training batches consumed in it), the position a resume must start at."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # the epoch is over: next one, from its start
+            return trainer.current_epoch + 1, 0
+        return trainer.current_epoch, done
+
     def paired_train_set(self) -> PairedTrainSet:
         return PairedTrainSet(
             self.train_base,
@@ -371,7 +425,7 @@ class SCLIPDataModule(L.LightningDataModule):
                 f"only {len(paired)} paired images for batch_size={hp.batch_size}: lower the "
                 "batch size or raise label_ratio"
             )
-        loaders = {"paired": self._loader(paired, hp.batch_size, True, True)}
+        loaders = {"paired": self._train_loader(paired, hp.batch_size, 0)}
         module = self.trainer.lightning_module if self.trainer is not None else None
         self.use_unpaired = bool(getattr(module, "uses_unpaired", True))
         if self.use_unpaired:
@@ -382,7 +436,7 @@ class SCLIPDataModule(L.LightningDataModule):
                     f"(unpaired_batch_size={hp.unpaired_batch_size}); lower the batch size, "
                     "lower label_ratio, or add unpaired images"
                 )
-            loaders["unpaired"] = self._loader(unpaired, hp.unpaired_batch_size, True, True)
+            loaders["unpaired"] = self._train_loader(unpaired, hp.unpaired_batch_size, 1)
             n_p, n_u = len(paired) // hp.batch_size, len(unpaired) // hp.unpaired_batch_size
             if hp.combined_mode == "min_size" and n_u < n_p:
                 log.warning(
@@ -393,6 +447,7 @@ class SCLIPDataModule(L.LightningDataModule):
                     n_p,
                     n_u,
                 )
+        self._resume_position = None  # applied once
         return CombinedLoader(loaders, mode=hp.combined_mode)
 
     def _eval_entries(self, kind: str, split: str) -> list[tuple[str, str, Path]]:

@@ -1,0 +1,172 @@
+"""Resume: a `sclip fit` killed with SIGKILL mid-epoch and resumed from its last checkpoint
+ends with the same weights and metrics as the uninterrupted run; checkpoints are atomic."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sclip_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from sclip_lightning.data.sampling import ResumableSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """
+seed_everything: 3
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 3
+  deterministic: true
+  limit_val_batches: 2
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: "{out}", name: logs}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: "{out}/ckpt", every_n_train_steps: 1, save_top_k: 0, save_last: true}}
+model:
+  class_path: sclip_lightning.SCLIPModule
+  init_args: {{model_name: sclip-tiny-rn, lr: 1.0e-3, warmup_steps: 3}}
+data:
+  class_path: sclip_lightning.SCLIPDataModule
+  init_args:
+    dataset: synthetic
+    label_ratio: 0.02      # 60 pairs: 7 batches of 8 per epoch, 21 steps in all
+    batch_size: 8
+    unpaired_batch_size: 8
+    eval_batch_size: 16
+    num_workers: 1
+"""
+
+
+def _fit(out: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = out / "config.yaml"
+    cfg.write_text(CONFIG.format(out=out))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sclip_lightning", "fit", "--config", str(cfg), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    if wait:
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log[-4000:]
+    return proc
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _val_rows(out: Path) -> list[dict[str, str]]:
+    rows = []
+    for f in sorted((out / "logs").glob("version_*/metrics.csv")):
+        rows += [r for r in csv.DictReader(f.open()) if r.get("val/retrieval_mean")]
+    return rows
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synthetic_root, tmp_path):
+    full = tmp_path / "full"
+    _fit(full)
+
+    killed = tmp_path / "killed"
+    marker = tmp_path / "stalled"
+    proc = _fit(
+        killed,
+        "--trainer.callbacks+=helpers.StallAfterStep",
+        "--trainer.callbacks.step=10",  # epoch 2 of 3, 3 of its 7 batches done
+        f"--trainer.callbacks.marker={marker}",
+        wait=False,
+    )
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:] if proc.stdout else ""
+        assert time.time() < deadline, "the run never reached step 10"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = killed / "ckpt" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 9 and state["epoch"] == 1  # mid-epoch: batch 2 of epoch 2
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "consumed_batches": 2},
+        {"epoch": 1, "consumed_batches": 2},
+    ]
+
+    _fit(killed, f"--ckpt_path={last}")
+    a, b = _weights(full / "ckpt" / "last.ckpt"), _weights(last)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    full_rows, resumed_rows = _val_rows(full), _val_rows(killed)
+    assert len(full_rows) == 3
+    final = {k: v for k, v in full_rows[-1].items() if k.startswith("val/")}
+    assert final == {k: v for k, v in resumed_rows[-1].items() if k.startswith("val/")}
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch_and_resumes_by_skipping():
+    ds = list(range(23))
+    s = ResumableSampler(ds, seed=5, stream=0, batch_size=4)
+    s.set_epoch(2)
+    full = list(s)
+    again = ResumableSampler(ds, seed=5, stream=0, batch_size=4)
+    again.set_epoch(2)
+    assert list(again) == full
+    second_pass = list(again)  # max_size_cycle re-iterates within an epoch: a new order
+    assert [i for i, _ in second_pass] != [i for i, _ in full]
+    other = ResumableSampler(ds, seed=6, stream=0, batch_size=4)
+    other.set_epoch(2)
+    assert [i for i, _ in other] != [i for i, _ in full]
+    resumed = ResumableSampler(ds, seed=5, stream=0, batch_size=4)
+    resumed.resume_at(epoch=2, consumed_batches=3)
+    assert list(resumed) == full[12:]
+    cycled = ResumableSampler(ds, seed=5, stream=0, batch_size=4)
+    cycled.resume_at(epoch=2, consumed_batches=5 + 1)  # 5 batches per pass: pass 1, batch 1
+    assert list(cycled) == second_pass[4:]
+
+
+def test_sampler_shards_by_rank_without_overlap():
+    ds = list(range(40))
+    shards = []
+    for rank in range(2):
+        s = ResumableSampler(ds, seed=1, stream=1, batch_size=4)
+        s.num_replicas, s.rank = 2, rank
+        s.num_samples, s.total_size = 20, 40
+        shards.append([i for i, _ in s])
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 20
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+    real_fsync = os.fsync
+
+    def crash(fd):  # dies after the bytes were written, before the rename
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, path)
+    assert torch.load(path, weights_only=False) == {"step": 3}
