@@ -15,9 +15,47 @@ from sclip_lightning.module import SCLIPModule  # noqa: E402
 class SCLIPCLI(LightningCLI):
     """LightningCLI that feeds the model's name to the DataModule (tokenizer, preprocessing)."""
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a bad setting ends with one line, not a traceback.
+
+        jsonargparse wraps errors raised in ``__init__`` (unknown data set or model name,
+        missing ``pretrained`` file, invalid option) in several layers of its own; the
+        original message is the one that names the setting and the fix.
+        """
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is a configuration error
+            root = _root_cause(err)
+            if isinstance(root, (ValueError, FileNotFoundError, KeyError, NotADirectoryError)):
+                raise SystemExit(f"sclip: configuration error: {root}") from None
+            raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Data errors found while setting up (missing root or file, bad split, too few
+        images for a batch, DDP ranks that disagree) end with one line when no optimiser
+        step has run yet; later errors keep their traceback."""
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+            if self.trainer.global_step > 0:
+                raise
+            raise SystemExit(f"sclip: configuration error: {err}") from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
         parser.link_arguments("model.init_args.image_size", "data.init_args.image_size")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a ``raise ... from`` / during-handling chain."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if nxt is None:
+            break
+        err = nxt
+    return err
 
 
 def main(args: list[str] | None = None) -> None:

@@ -361,6 +361,22 @@ class SCLIPModule(L.LightningModule):
         if self.trainer.global_step % max(1, every) == 0:
             self.check_nonfinite()
 
+    def on_fit_start(self) -> None:
+        """Under DDP, check before the first step that every rank has the same shapes."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        mine = {
+            "batch_size": getattr(dm, "hparams", {}).get("batch_size"),
+            "unpaired_batch_size": getattr(dm, "hparams", {}).get("unpaired_batch_size"),
+            "keywords": len(self.keywords or []),
+            "gather_distributed": self._hp.gather_distributed,
+            "method": self._hp.method,
+        }
+        values: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(values, mine)
+        check_rank_agreement(values)
+
     # ------------------------------------------------------- numerical safety
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Flag a non-finite loss or gradient on the device and cancel this update.
@@ -659,6 +675,24 @@ class SCLIPModule(L.LightningModule):
             out = self._hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
             paths = write_results(rows, Path(out))
             print("\n" + markdown_table(rows) + f"\n(written to {paths['md'].parent})")
+
+
+def check_rank_agreement(values: list[dict[str, Any]]) -> None:
+    """Raise if the ranks of a DDP run disagree on a setting that fixes a gathered shape.
+
+    Features (and keyword candidates) are all-gathered every step; different batch sizes or
+    keyword vocabularies per rank would hang or crash inside the collective, mid-training.
+    """
+    keys = [k for k in values[0] if any(v[k] != values[0][k] for v in values)]
+    if keys:
+        per_rank = "; ".join(
+            f"{k}: " + ", ".join(f"rank {r}={v[k]}" for r, v in enumerate(values)) for k in keys
+        )
+        raise ValueError(
+            f"the DDP ranks disagree on {', '.join(keys)} ({per_rank}). Every rank must use the "
+            "same batch sizes, keyword vocabulary and method: give all processes the same config "
+            "(batch sizes are per device; the global batch is batch_size x devices x nodes)."
+        )
 
 
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
