@@ -136,7 +136,9 @@ class CaptionTable(CaptionedDataset):
         self.path = _require(Path(path), "caption table", self.LAYOUT)
         rows = list(_read_table(self.path))
         if not rows:
-            raise ValueError(f"caption table {self.path} has no rows")
+            raise ValueError(
+                f"caption table {self.path} has no rows (expected: {self.LAYOUT})"
+            )
         cols = [caption_column] if isinstance(caption_column, str) else list(caption_column)
         needed = [image_column, *cols] + ([split_column] if split is not None else [])
         needed += [label_column] if label_column is not None else []
@@ -178,7 +180,24 @@ class CaptionTable(CaptionedDataset):
             self.labels = [index[label_of[rel]] for rel in grouped]
 
 
+def utf8_error(path: Path, err: UnicodeDecodeError) -> ValueError:
+    """A decoding error that names the file, the line and the fix."""
+    raw = path.read_bytes()
+    line = raw[: err.start].count(b"\n") + 1
+    return ValueError(
+        f"{path} line {line}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}). "
+        "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+    )
+
+
 def _read_table(path: Path):
+    try:
+        yield from _read_table_utf8(path)
+    except UnicodeDecodeError as e:
+        raise utf8_error(path, e) from None
+
+
+def _read_table_utf8(path: Path):
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as f:

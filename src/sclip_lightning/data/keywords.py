@@ -29,7 +29,13 @@ def load_keywords(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"keyword file not found: {path} (one keyword per line)")
     words = []
     seen = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        from sclip_lightning.data.datasets import utf8_error
+
+        raise utf8_error(path, e) from None
+    for line in text.splitlines():
         w = line.strip()
         if w and not w.startswith("#") and w.lower() not in seen:
             seen.add(w.lower())
