@@ -246,3 +246,22 @@ def test_eval_deduplicates_images_repeated_by_distributed_samplers():
     assert uniq.tolist() == [0, 1, 2] and first.tolist() == [0, 1, 2]
     no_dup = _captions_of_first_copy(torch.tensor([0, 1]), torch.tensor([0, 1]))
     assert no_dup.tolist() == [True, True]
+
+
+def test_retrieval_evaluation_memory_stays_within_its_stated_bound():
+    """bench/retrieval_memory.py at a small scale, in a fresh process (peak RSS is per process):
+    computing the full 4k x 20k similarity matrix would exceed the bound."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "retrieval_memory.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--images", "4000", "--captions", "20000",
+         "--max-elements", str(1 << 22)],
+        capture_output=True, text=True, check=True,
+    )
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["peak_rss_mb"] <= stats["bound_mb"], stats
+    assert stats["bound_mb"] - stats["rss_with_features_mb"] < stats["full_matrix_mb"], stats
