@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -666,7 +667,7 @@ class SCLIPModule(L.LightningModule):
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
                 writer.writeheader()
                 writer.writerows(rows)
-            print(f"wrote {len(rows)} predictions to {out / 'predictions.csv'}")
+            self.print(f"wrote {len(rows)} predictions to {out / 'predictions.csv'}")
 
     def on_test_epoch_end(self) -> None:
         rows = self._finish_eval("test")
@@ -674,7 +675,7 @@ class SCLIPModule(L.LightningModule):
         if self.trainer.is_global_zero and rows:
             out = self._hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
             paths = write_results(rows, Path(out))
-            print("\n" + markdown_table(rows) + f"\n(written to {paths['md'].parent})")
+            rank_zero_info(f"\n{markdown_table(rows)}\n(written to {paths['md'].parent})")
 
 
 def check_rank_agreement(values: list[dict[str, Any]]) -> None:

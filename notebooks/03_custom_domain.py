@@ -1,0 +1,129 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Your own domain: a folder of images and a CSV of captions
+#
+# The steps for your data: (1) a CSV with an `image` column (paths relative to the CSV) and
+# a `caption` column, optionally `split`; (2) mine a keyword vocabulary from the captions;
+# (3) train S-CLIP with a few captioned images and many uncaptioned ones; (4) evaluate;
+# (5) export the weights so plain `open_clip` loads them.
+#
+# To keep this runnable offline, step 0 writes such a folder from the embedded synthetic
+# domain. Replace `ROOT` with your own folder.
+
+# %%
+import csv
+import os
+from pathlib import Path
+
+import lightning as L
+import matplotlib.pyplot as plt
+import open_clip
+import torch
+
+from sclip_lightning import SCLIPDataModule, SCLIPModule
+from sclip_lightning.data.keywords import mine_keywords
+from sclip_lightning.data.synthetic import ensure_synthetic
+from sclip_lightning.export import export
+from sclip_lightning.results import markdown_table
+
+STEPS = int(os.environ.get("SCLIP_NB_STEPS", 300))
+OUT = Path(os.environ.get("SCLIP_NB_OUT", "outputs/notebooks/03_custom_domain"))
+ROOT = OUT / "my_domain"
+
+# %% [markdown]
+# ## 0. A folder of images and a captions CSV
+
+# %%
+from sclip_lightning.data.registry import build_captioned  # noqa: E402
+
+if not (ROOT / "captions.csv").exists():
+    (ROOT / "images").mkdir(parents=True, exist_ok=True)
+    source = ensure_synthetic()
+    with (ROOT / "captions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "split"])
+        for split in ("train", "val", "test"):
+            ds = build_captioned("synthetic", source, split)
+            for i, (path, caps) in enumerate(zip(ds.paths, ds.captions)):
+                if split == "train" and i % 3:  # keep a third: a smaller custom domain
+                    continue
+                name = f"images/{split}_{i:05d}{path.suffix}"
+                (ROOT / name).write_bytes(path.read_bytes())
+                for c in caps:
+                    w.writerow([name, c, split])
+print(open(ROOT / "captions.csv").read()[:300])
+
+# %% [markdown]
+# ## 1. Keywords mined from the captions
+# With `spacy.blank("en")` (no model download): frequent content words and bigrams. With a
+# full English pipeline installed, noun chunks are used.
+
+# %%
+rows = list(csv.DictReader(open(ROOT / "captions.csv")))
+keywords = mine_keywords([r["caption"] for r in rows if r["split"] == "train"], top_k=30)
+print(len(keywords), "keywords:", ", ".join(keywords[:20]), "...")
+train_caps = [r["caption"].lower() for r in rows if r["split"] == "train"]
+counts = [sum(f" {k} " in f" {c} " for c in train_caps) for k in keywords]
+fig, ax = plt.subplots(figsize=(10, 3))
+ax.bar(range(len(keywords)), counts)
+ax.set_xticks(range(len(keywords)), keywords, rotation=70, fontsize=8)
+ax.set(ylabel="training captions", title="mined keywords and how many captions contain them")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 2. Train: 10 % of the training images keep their captions
+
+# %%
+L.seed_everything(0, verbose=False)
+data = SCLIPDataModule(dataset="caption_table", root=str(ROOT / "captions.csv"), label_ratio=0.1,
+                       keywords="mine", num_keywords=30, batch_size=16, unpaired_batch_size=16,
+                       num_workers=0, model_name="sclip-tiny-rn", combined_mode="max_size_cycle")
+module = SCLIPModule(model_name="sclip-tiny-rn", lr=1e-3, warmup_steps=min(50, STEPS // 5),
+                     results_dir=str(OUT / "results"))
+trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, limit_val_batches=0,
+                    default_root_dir=str(OUT), enable_model_summary=False)
+trainer.fit(module, data)
+
+# %% [markdown]
+# ## 3. Evaluate: retrieval on the test split (a captions-only domain has no classes)
+
+# %%
+trainer.test(module, data, verbose=False)
+print(markdown_table(module.test_results))
+print("written:", sorted(p.name for p in (OUT / "results").iterdir()))
+res = next(r for r in module.test_results if r["task"] == "retrieval")
+names = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
+fig, ax = plt.subplots(figsize=(6.5, 3))
+ax.bar(names, [res[n] for n in names], color=["C0"] * 3 + ["C1"] * 3)
+ax.set(ylabel="recall (%)", title=f"test retrieval after {STEPS} steps (i2t blue, t2i orange)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 4. Export and load with plain open_clip
+
+# %%
+ckpt = OUT / "final.ckpt"
+trainer.save_checkpoint(ckpt)
+weights = export(ckpt, OUT / "open_clip_weights.pt")
+model = open_clip.create_model("sclip-tiny-rn", pretrained=str(weights))
+model.eval()
+module.eval()
+batch = next(iter(data.test_dataloader()[0]))
+with torch.no_grad():
+    a = model.encode_image(batch["image"], normalize=True)
+    b = module.encode_images(batch["image"])
+print("max feature difference, open_clip vs the trained module:", float((a - b).abs().max()))
