@@ -21,8 +21,8 @@ test-slow:  ## slower CPU tests and real-data tests (needs ../shared/data)
 	$(PYTHON) -m pytest -q -m "slow or realdata"
 
 lint:
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench notebooks/*.py
+	$(BIN)/ruff format --check src tests bench notebooks/*.py
 
 format:
 	$(BIN)/ruff format src tests bench

@@ -39,15 +39,24 @@ OUT = os.environ.get("SCLIP_NB_OUT", "outputs/notebooks/01_quickstart")
 # unpaired images, and combines a paired and an unpaired loader. `SCLIPModule` wraps an
 # open_clip model; `method="clip"` trains the baseline on the pairs only.
 
+
 # %%
 def make(method: str, seed: int = 0):
     L.seed_everything(seed, workers=True, verbose=False)
     data = SCLIPDataModule(
-        dataset="synthetic", label_ratio=0.1, batch_size=32, unpaired_batch_size=32,
-        num_workers=0, model_name="sclip-tiny-rn", combined_mode="max_size_cycle",
+        dataset="synthetic",
+        label_ratio=0.1,
+        batch_size=32,
+        unpaired_batch_size=32,
+        num_workers=0,
+        model_name="sclip-tiny-rn",
+        combined_mode="max_size_cycle",
     )
     module = SCLIPModule(
-        model_name="sclip-tiny-rn", method=method, lr=1e-3, warmup_steps=min(50, STEPS // 5),
+        model_name="sclip-tiny-rn",
+        method=method,
+        lr=1e-3,
+        warmup_steps=min(50, STEPS // 5),
         results_dir=f"{OUT}/{method}",
     )
     return data, module
@@ -56,9 +65,14 @@ def make(method: str, seed: int = 0):
 def train_and_test(method: str):
     data, module = make(method)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=STEPS, limit_val_batches=0, log_every_n_steps=5,
-        logger=CSVLogger(OUT, name=method), enable_checkpointing=False,
-        enable_model_summary=False, deterministic=True,
+        accelerator="cpu",
+        max_steps=STEPS,
+        limit_val_batches=0,
+        log_every_n_steps=5,
+        logger=CSVLogger(OUT, name=method),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=True,
     )
     trainer.fit(module, data)
     trainer.test(module, data, verbose=False)
@@ -101,16 +115,28 @@ rows = []
 for method, res in results.items():
     zs = next(r for r in res if r["task"] == "zero-shot")
     rt = next(r for r in res if r["task"] == "retrieval")
-    rows.append({"method": method, "zero-shot top-1": zs["top1"], "top-5": zs["top5"],
-                 "i2t R@1": rt["i2t_R@1"], "t2i R@1": rt["t2i_R@1"], "mean R": rt["mean_R"]})
+    rows.append(
+        {
+            "method": method,
+            "zero-shot top-1": zs["top1"],
+            "top-5": zs["top5"],
+            "i2t R@1": rt["i2t_R@1"],
+            "t2i R@1": rt["t2i_R@1"],
+            "mean R": rt["mean_R"],
+        }
+    )
 print(markdown_table(rows))
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
 names = ["zero-shot top-1", "mean R"]
 for i, row in enumerate(rows):
-    ax.bar([j + 0.38 * i for j in range(len(names))], [row[n] for n in names], width=0.38,
-           label=row["method"])
+    ax.bar(
+        [j + 0.38 * i for j in range(len(names))],
+        [row[n] for n in names],
+        width=0.38,
+        label=row["method"],
+    )
 ax.set_xticks([j + 0.19 for j in range(len(names))], names)
 ax.set(ylabel="percent", title=f"test split, {STEPS} steps")
 ax.legend()

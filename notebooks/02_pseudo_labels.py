@@ -43,15 +43,30 @@ L.seed_everything(0, verbose=False)
 # (`train/pseudo_label_acc`) during training.
 
 # %%
-data = SCLIPDataModule(dataset="synthetic", label_ratio=0.1, batch_size=16, unpaired_batch_size=16,
-                       num_workers=0, model_name="sclip-tiny-rn", hidden_labels=True,
-                       combined_mode="max_size_cycle")
+data = SCLIPDataModule(
+    dataset="synthetic",
+    label_ratio=0.1,
+    batch_size=16,
+    unpaired_batch_size=16,
+    num_workers=0,
+    model_name="sclip-tiny-rn",
+    hidden_labels=True,
+    combined_mode="max_size_cycle",
+)
 module = SCLIPModule(model_name="sclip-tiny-rn", lr=1e-3, warmup_steps=min(50, STEPS // 5))
-trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, limit_val_batches=0, logger=False,
-                    enable_checkpointing=False, enable_model_summary=False)
+trainer = L.Trainer(
+    accelerator="cpu",
+    max_steps=STEPS,
+    limit_val_batches=0,
+    logger=False,
+    enable_checkpointing=False,
+    enable_model_summary=False,
+)
 trainer.fit(module, data)
-print("pseudo-label accuracy during the last epoch:",
-      float(trainer.callback_metrics.get("train/pseudo_label_acc_epoch", float("nan"))))
+print(
+    "pseudo-label accuracy during the last epoch:",
+    float(trainer.callback_metrics.get("train/pseudo_label_acc_epoch", float("nan"))),
+)
 
 # %% [markdown]
 # ## One batch through the assigners
@@ -82,10 +97,15 @@ u_order = torch.argsort(unpaired["label"], stable=True)
 plan = plans["ot"][u_order][:, p_order].numpy()
 fig, ax = plt.subplots(figsize=(6.5, 5.5))
 im = ax.imshow(plan, cmap="viridis")
-ax.set_xticks(range(len(p_order)), [classes[c] for c in paired["label"][p_order]], rotation=90, fontsize=7)
+ax.set_xticks(
+    range(len(p_order)), [classes[c] for c in paired["label"][p_order]], rotation=90, fontsize=7
+)
 ax.set_yticks(range(len(u_order)), [classes[c] for c in unpaired["label"][u_order]], fontsize=7)
-ax.set(xlabel="paired image (true class)", ylabel="unpaired image (hidden class)",
-       title="OT assignment of unpaired to paired captions")
+ax.set(
+    xlabel="paired image (true class)",
+    ylabel="unpaired image (hidden class)",
+    title="OT assignment of unpaired to paired captions",
+)
 fig.colorbar(im, ax=ax, label="plan weight (rows sum to 1)")
 fig.tight_layout()
 plt.show()
@@ -94,17 +114,21 @@ plt.show()
 # ## Unpaired images beside the captions they are assigned
 # For four unpaired images: the image, then its three heaviest captions with their weights.
 
+
 # %%
 def show(t):
     x = t.permute(1, 2, 0).numpy()
     return (x - x.min()) / (x.max() - x.min() + 1e-8)
+
 
 fig, axes = plt.subplots(4, 4, figsize=(11, 8.5))
 for row, j in enumerate(range(4)):
     axes[row, 0].imshow(show(unpaired["image"][j]))
     axes[row, 0].set_title(f"unpaired #{j} (hidden: {classes[unpaired['label'][j]]})", fontsize=8)
     top = torch.topk(plans["ot"][j], 3)
-    for col, (w, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+    for col, (w, i) in enumerate(
+        zip(top.values.tolist(), top.indices.tolist(), strict=True), start=1
+    ):
         axes[row, col].imshow(show(paired["image"][i]))
         axes[row, col].set_title(f"w={w:.2f}: {captions[i][:38]}", fontsize=7)
 for ax in axes.flat:
@@ -125,8 +149,16 @@ targets = keyword_targets(unp, kw, cands, s, module.criterion.keyword.weighting)
 rows = []
 for j in range(6):
     ks = cands[j].nonzero().squeeze(1).tolist()
-    rows.append({"unpaired": j, "hidden class": classes[unpaired["label"][j]],
-                 "candidates (weight)": ", ".join(f"{module.keywords[k]} ({targets[j, k]:.2f})" for k in ks) or "none"})
+    rows.append(
+        {
+            "unpaired": j,
+            "hidden class": classes[unpaired["label"][j]],
+            "candidates (weight)": ", ".join(
+                f"{module.keywords[k]} ({targets[j, k]:.2f})" for k in ks
+            )
+            or "none",
+        }
+    )
 print(markdown_table(rows))
 
 # %% [markdown]
@@ -139,8 +171,13 @@ print(markdown_table(rows))
 same = (unpaired["label"][:, None] == paired["label"][None, :]).float()
 rows = []
 for name, pl in plans.items():
-    rows.append({"assigner": name, "argmax accuracy %": 100 * float(same.gather(1, pl.argmax(1, keepdim=True)).mean()),
-                 "mass on true class %": 100 * float((pl * same).sum(1).mean())})
+    rows.append(
+        {
+            "assigner": name,
+            "argmax accuracy %": 100 * float(same.gather(1, pl.argmax(1, keepdim=True)).mean()),
+            "mass on true class %": 100 * float((pl * same).sum(1).mean()),
+        }
+    )
 print(markdown_table(rows))
 fig, ax = plt.subplots(figsize=(5.5, 3))
 x = np.arange(len(rows))

@@ -56,14 +56,14 @@ if not (ROOT / "captions.csv").exists():
         w.writerow(["image", "caption", "split"])
         for split in ("train", "val", "test"):
             ds = build_captioned("synthetic", source, split)
-            for i, (path, caps) in enumerate(zip(ds.paths, ds.captions)):
+            for i, (path, caps) in enumerate(zip(ds.paths, ds.captions, strict=True)):
                 if split == "train" and i % 3:  # keep a third: a smaller custom domain
                     continue
                 name = f"images/{split}_{i:05d}{path.suffix}"
                 (ROOT / name).write_bytes(path.read_bytes())
                 for c in caps:
                     w.writerow([name, c, split])
-print(open(ROOT / "captions.csv").read()[:300])
+print((ROOT / "captions.csv").read_text()[:300])
 
 # %% [markdown]
 # ## 1. Keywords mined from the captions
@@ -71,7 +71,8 @@ print(open(ROOT / "captions.csv").read()[:300])
 # full English pipeline installed, noun chunks are used.
 
 # %%
-rows = list(csv.DictReader(open(ROOT / "captions.csv")))
+with (ROOT / "captions.csv").open() as f:
+    rows = list(csv.DictReader(f))
 keywords = mine_keywords([r["caption"] for r in rows if r["split"] == "train"], top_k=30)
 print(len(keywords), "keywords:", ", ".join(keywords[:20]), "...")
 train_caps = [r["caption"].lower() for r in rows if r["split"] == "train"]
@@ -88,13 +89,31 @@ plt.show()
 
 # %%
 L.seed_everything(0, verbose=False)
-data = SCLIPDataModule(dataset="caption_table", root=str(ROOT / "captions.csv"), label_ratio=0.1,
-                       keywords="mine", num_keywords=30, batch_size=16, unpaired_batch_size=16,
-                       num_workers=0, model_name="sclip-tiny-rn", combined_mode="max_size_cycle")
-module = SCLIPModule(model_name="sclip-tiny-rn", lr=1e-3, warmup_steps=min(50, STEPS // 5),
-                     results_dir=str(OUT / "results"))
-trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, limit_val_batches=0,
-                    default_root_dir=str(OUT), enable_model_summary=False)
+data = SCLIPDataModule(
+    dataset="caption_table",
+    root=str(ROOT / "captions.csv"),
+    label_ratio=0.1,
+    keywords="mine",
+    num_keywords=30,
+    batch_size=16,
+    unpaired_batch_size=16,
+    num_workers=0,
+    model_name="sclip-tiny-rn",
+    combined_mode="max_size_cycle",
+)
+module = SCLIPModule(
+    model_name="sclip-tiny-rn",
+    lr=1e-3,
+    warmup_steps=min(50, STEPS // 5),
+    results_dir=str(OUT / "results"),
+)
+trainer = L.Trainer(
+    accelerator="cpu",
+    max_steps=STEPS,
+    limit_val_batches=0,
+    default_root_dir=str(OUT),
+    enable_model_summary=False,
+)
 trainer.fit(module, data)
 
 # %% [markdown]

@@ -39,7 +39,9 @@ def test_bad_setting_gives_one_message(override, expected, tmp_path, synthetic_r
 def test_ranks_that_disagree_on_shapes_are_named():
     same = {"batch_size": 32, "unpaired_batch_size": 32, "keywords": 45}
     check_rank_agreement([same, dict(same)])
-    with pytest.raises(ValueError, match=r"disagree on batch_size \(batch_size: rank 0=32, rank 1=16\)"):
+    with pytest.raises(
+        ValueError, match=r"disagree on batch_size \(batch_size: rank 0=32, rank 1=16\)"
+    ):
         check_rank_agreement([same, {**same, "batch_size": 16}])
 
 

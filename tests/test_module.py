@@ -258,9 +258,19 @@ def test_retrieval_evaluation_memory_stays_within_its_stated_bound():
 
     script = Path(__file__).resolve().parents[1] / "bench" / "retrieval_memory.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--images", "4000", "--captions", "20000",
-         "--max-elements", str(1 << 22)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(script),
+            "--images",
+            "4000",
+            "--captions",
+            "20000",
+            "--max-elements",
+            str(1 << 22),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["peak_rss_mb"] <= stats["bound_mb"], stats

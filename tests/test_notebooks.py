@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jupytext
@@ -25,8 +24,9 @@ def test_notebook_runs_clean(path, tmp_path, synthetic_root, monkeypatch):
     assert code(paired) == code(nb), f"{path.name} and its .py differ: run jupytext --sync"
     monkeypatch.setenv("SCLIP_NB_STEPS", "6")
     monkeypatch.setenv("SCLIP_NB_OUT", str(tmp_path / "out"))
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

@@ -56,7 +56,10 @@ def _fit(out: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     cfg = out / "config.yaml"
     cfg.write_text(CONFIG.format(out=out))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "sclip_lightning", "fit", "--config", str(cfg), *extra],
         env=env,

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 from sclip_lightning import distributed
@@ -76,6 +76,10 @@ class SCLIPModule(L.LightningModule):
             (None: the trainer's ``log_every_n_steps``); also checked at every epoch end and
             before every checkpoint, so a checkpoint never follows an unreported blow-up.
     """
+
+    nonfinite_first_step: torch.Tensor
+    nonfinite_first_terms: torch.Tensor
+    nonfinite_steps: torch.Tensor
 
     @property
     def _hp(self) -> Any:
@@ -358,7 +362,9 @@ class SCLIPModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self._hp.max_logit_scale))
-        every = self._hp.nonfinite_check_every_n_steps or self.trainer.log_every_n_steps
+        every = self._hp.nonfinite_check_every_n_steps or getattr(
+            self.trainer, "log_every_n_steps", 50
+        )
         if self.trainer.global_step % max(1, every) == 0:
             self.check_nonfinite()
 
@@ -420,7 +426,7 @@ class SCLIPModule(L.LightningModule):
             return
         names = ("contrastive_loss", "caption_loss", "keyword_loss")
         terms = ", ".join(
-            f"{n}={v:.4g}" for n, v in zip(names, self.nonfinite_first_terms.tolist())
+            f"{n}={v:.4g}" for n, v in zip(names, self.nonfinite_first_terms.tolist(), strict=True)
         )
         if self._hp.nonfinite == "raise":
             raise FloatingPointError(
@@ -454,7 +460,7 @@ class SCLIPModule(L.LightningModule):
         checkpoint["sclip_rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "numpy": _numpy_state_to_tensors(tuple(np.random.get_state())),
             "python": random.getstate(),
         }
 
@@ -490,9 +496,7 @@ class SCLIPModule(L.LightningModule):
             {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
         ]
         # fused AdamW takes the device-side non-finite flag (see on_before_optimizer_step)
-        fused = all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in params
-        )
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in params)
         opt = torch.optim.AdamW(
             groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None
         )
@@ -722,9 +726,7 @@ def _nonfinite_grads(params: Any, device: torch.device) -> torch.Tensor:
             groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
     for (dev, _), grads in groups.items():
         local = torch.zeros((), device=dev)
-        torch._amp_foreach_non_finite_check_and_unscale_(
-            grads, local, torch.ones((), device=dev)
-        )
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, local, torch.ones((), device=dev))
         found = torch.maximum(found, local.to(device))
     return found
 

@@ -57,7 +57,7 @@ def _write(folder, n, seed):
             path.write_bytes(b"")
         elif kind == "truncated":
             _good("RGB", rng).save(path)
-            path.write_bytes(path.read_bytes()[: 100])
+            path.write_bytes(path.read_bytes()[:100])
         elif kind == "random_bytes":
             path.write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
         else:

@@ -110,8 +110,17 @@ def test_ot_plan_has_uniform_marginals_when_converged():
 
 
 @pytest.mark.parametrize("solver", ["pot", "log"])
-@pytest.mark.parametrize("n,m,s,iters", [(7, 5, 30.0, 10), (16, 16, 100.0, 10), (5, 9, 1.0, 3),
-                                         (12, 4, 100.0, 1), (1, 1, 50.0, 10), (1, 6, 50.0, 2)])
+@pytest.mark.parametrize(
+    "n,m,s,iters",
+    [
+        (7, 5, 30.0, 10),
+        (16, 16, 100.0, 10),
+        (5, 9, 1.0, 3),
+        (12, 4, 100.0, 1),
+        (1, 1, 50.0, 10),
+        (1, 6, 50.0, 2),
+    ],
+)
 def test_fast_sinkhorn_backward_equals_unrolled_autograd(solver, n, m, s, iters):
     """SinkhornAssign's low-rank backward is the exact gradient of the unrolled iterations."""
     from sclip_lightning.losses.functional import SinkhornAssign
@@ -127,7 +136,7 @@ def test_fast_sinkhorn_backward_equals_unrolled_autograd(solver, n, m, s, iters)
     log_k, log_v = sinkhorn_log(cost, reg, iters)
     ref = torch.softmax(log_k + log_v, dim=-1)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-13)
-    for got, want in zip(grads(fast), grads(ref)):
+    for got, want in zip(grads(fast), grads(ref), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
@@ -137,7 +146,9 @@ def test_fast_sinkhorn_passes_gradcheck():
     cost = (1 - feats(4, seed=1) @ feats(3, seed=2).T).requires_grad_(True)
     reg = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     for solver in ("pot", "log"):
-        assert torch.autograd.gradcheck(lambda c, r: SinkhornAssign.apply(c, r, 5, solver), (cost, reg))
+        assert torch.autograd.gradcheck(
+            lambda c, r, solver=solver: SinkhornAssign.apply(c, r, 5, solver), (cost, reg)
+        )
 
 
 @pytest.mark.parametrize("solver", ["pot", "log"])
@@ -151,7 +162,7 @@ def test_ot_assign_gradients_match_the_unrolled_reference_in_float32(solver):
     plan = sinkhorn_pot(1 - q64 @ p64.T, 1 / s64, 10)
     ref = plan / plan.sum(1, keepdim=True)
     want = torch.autograd.grad((ref * w.double()).sum(), (q64, p64, s64))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
 
 

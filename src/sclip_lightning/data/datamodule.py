@@ -396,7 +396,7 @@ class SCLIPDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0, 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = getattr(trainer.fit_loop.epoch_loop.batch_progress.current, "processed", 0)
         if done >= trainer.num_training_batches:  # the epoch is over: next one, from its start
             return trainer.current_epoch + 1, 0
         return trainer.current_epoch, done

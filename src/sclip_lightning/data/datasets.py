@@ -136,9 +136,7 @@ class CaptionTable(CaptionedDataset):
         self.path = _require(Path(path), "caption table", self.LAYOUT)
         rows = list(_read_table(self.path))
         if not rows:
-            raise ValueError(
-                f"caption table {self.path} has no rows (expected: {self.LAYOUT})"
-            )
+            raise ValueError(f"caption table {self.path} has no rows (expected: {self.LAYOUT})")
         cols = [caption_column] if isinstance(caption_column, str) else list(caption_column)
         needed = [image_column, *cols] + ([split_column] if split is not None else [])
         needed += [label_column] if label_column is not None else []
