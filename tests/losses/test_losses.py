@@ -383,3 +383,27 @@ def test_loss_weights_scale_terms():
     torch.testing.assert_close(w["keyword_loss"], 3 * base["keyword_loss"])
     total = SCLIPLoss()(x, y, s, u, kw, cand, output_dict=False)
     assert math.isfinite(float(total))
+
+
+@pytest.mark.parametrize("bp,bu", [(5, 3), (8, 8), (1, 4), (6, 0)])
+def test_fused_column_cross_entropy_equals_the_unfused_losses(bp, bu):
+    from sclip_lightning.losses.functional import ColumnCrossEntropy, soft_cross_entropy
+
+    g = torch.Generator().manual_seed(bp + bu)
+    logits = (5 * torch.randn(bp, bp + bu, generator=g, dtype=torch.float64)).requires_grad_()
+    gamma = None
+    if bu:
+        gamma = torch.softmax(torch.randn(bu, bp, generator=g, dtype=torch.float64), -1)
+        gamma.requires_grad_(True)
+    i2t, cap = ColumnCrossEntropy.apply(logits, gamma, bp)
+    ref_i2t = F.cross_entropy(logits[:, :bp].T, torch.arange(bp))
+    ref_cap = (
+        soft_cross_entropy(logits[:, bp:].T, gamma) if bu else torch.zeros((), dtype=torch.float64)
+    )
+    inputs = [logits] + ([gamma] if bu else [])
+    got = torch.autograd.grad(0.7 * i2t + 1.3 * cap, inputs)
+    want = torch.autograd.grad(0.7 * ref_i2t + 1.3 * ref_cap, inputs)
+    torch.testing.assert_close(i2t, ref_i2t)
+    torch.testing.assert_close(cap, ref_cap)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

@@ -37,6 +37,58 @@ def soft_cross_entropy(
     return (per_row * row_weight).sum() / row_weight.sum().clamp_min(1.0)
 
 
+class ColumnCrossEntropy(torch.autograd.Function):
+    """Cross-entropies down the columns of one logit matrix, fused (forward and backward).
+
+    ``logits`` is ``s Y [X; U]^T`` (B_p, B_p + B_u): column ``j < B_p`` holds image ``j``'s
+    logits over the captions (image->text CE, target ``j``), column ``B_p + u`` unpaired image
+    ``u``'s caption logits (soft CE against ``Gamma[u]``). One column log-sum-exp serves both;
+    the backward is one pass over the kept exponentials instead of two log-softmax backward
+    passes over strided views. Gradients flow into the logits and into ``Gamma``.
+
+    ``apply(logits, gamma, n_p)`` -> ``(mean image->text CE, mean caption soft CE)``;
+    ``gamma`` may be None when ``logits`` has only the ``n_p`` paired columns (the second
+    value is then 0).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, gamma, n_p: int):  # type: ignore[override]
+        n_u = 0 if gamma is None else gamma.shape[0]
+        if logits.shape[1] != n_p + n_u:
+            raise ValueError(f"logits must have {n_p} + {n_u} columns, got {logits.shape[1]}")
+        cols = logits
+        top = cols.amax(dim=0)
+        expd = torch.sub(cols, top).exp_()
+        colsum = expd.sum(dim=0)
+        lse = colsum.log() + top
+        i2t = (lse[:n_p] - cols[:, :n_p].diagonal()).mean()
+        cap = logits.new_zeros(())
+        if gamma is not None:
+            block = cols[:, n_p:]  # (B_p, B_u): caption logits, transposed
+            cap = (lse[n_p:] * gamma.sum(dim=1) - (gamma.T * block).sum(dim=0)).mean()
+        ctx.n_p = n_p
+        ctx.save_for_backward(cols, gamma, expd, colsum, lse)
+        return i2t, cap
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_i2t, g_cap):  # type: ignore[override]
+        cols, gamma, expd, colsum, lse = ctx.saved_tensors
+        n_p = ctx.n_p
+        coef = torch.empty_like(colsum)
+        coef[:n_p] = g_i2t / n_p
+        d_gamma = None
+        if gamma is not None:
+            n_u = gamma.shape[0]
+            coef[n_p:] = gamma.sum(dim=1) * (g_cap / n_u)
+        d_cols = expd.mul_(coef / colsum)  # softmax down each column, times its weight
+        d_cols[:, :n_p].diagonal().sub_(g_i2t / n_p)
+        if gamma is not None:
+            d_cols[:, n_p:].sub_(gamma.T * (g_cap / n_u))
+            d_gamma = (lse[n_p:, None] - cols[:, n_p:].T) * (g_cap / n_u)
+        return d_cols, d_gamma, None
+
+
 def sinkhorn_pot(cost: torch.Tensor, reg: torch.Tensor | float, num_iters: int) -> torch.Tensor:
     """Entropic OT plan with uniform marginals, POT's ``sinkhorn_knopp`` update order.
 

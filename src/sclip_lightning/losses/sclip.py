@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sclip_lightning import distributed
 from sclip_lightning.losses.caption_ot import CaptionOTLoss
-from sclip_lightning.losses.functional import soft_cross_entropy
+from sclip_lightning.losses.functional import ColumnCrossEntropy
 from sclip_lightning.losses.keyword_pll import KeywordPLLLoss
 
 
@@ -199,21 +199,24 @@ class SCLIPLoss(nn.Module):
         logits_text = (scale * text) @ candidates_img.T  # scale the smaller operand
         labels = torch.arange(n_p, device=image.device)
         per_text = logits_text if self.unpaired_negatives else logits_text[:, :n_p]
-        contrastive = (
-            F.cross_entropy(logits_text[:, :n_p].T, labels) + F.cross_entropy(per_text, labels)
-        ) / 2
+        plan = None
+        if has_unpaired and (self.caption_weight > 0 or self.keyword_weight > 0):
+            assert unpaired is not None
+            plan = self.caption.assign(unpaired, image, text, scale)
+        # image->text CE and the caption soft CE both run down the columns: one fused pass
+        if plan is not None and self.caption_weight > 0:
+            i2t, caption = ColumnCrossEntropy.apply(logits_text, plan, n_p)
+        else:
+            i2t, caption = ColumnCrossEntropy.apply(logits_text[:, :n_p], None, n_p)
+        contrastive = (i2t + F.cross_entropy(per_text, labels)) / 2
         out = {
             "contrastive_loss": self.contrastive_weight * contrastive,
-            "caption_loss": zero,
+            "caption_loss": self.caption_weight * caption if self.caption_weight > 0 else zero,
             "keyword_loss": zero,
         }
-        if not has_unpaired or (self.caption_weight == 0 and self.keyword_weight == 0):
+        if plan is None:
             return out
         assert unpaired is not None
-        plan = self.caption.assign(unpaired, image, text, scale)
-        if self.caption_weight > 0:
-            caption_logits = logits_text[:, n_p:].T
-            out["caption_loss"] = self.caption_weight * soft_cross_entropy(caption_logits, plan)
         if (
             self.keyword_weight > 0
             and keywords is not None
