@@ -146,17 +146,6 @@ def test_sampler_order_is_a_function_of_seed_and_epoch_and_resumes_by_skipping()
     assert list(cycled) == second_pass[4:]
 
 
-def test_sampler_shards_by_rank_without_overlap():
-    ds = list(range(40))
-    shards = []
-    for rank in range(2):
-        s = ResumableSampler(ds, seed=1, stream=1, batch_size=4)
-        s.num_replicas, s.rank = 2, rank
-        s.num_samples, s.total_size = 20, 40
-        shards.append([i for i, _ in s])
-    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 20
-
-
 def test_atomic_save_keeps_the_old_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, path)
@@ -173,3 +162,25 @@ def test_atomic_save_keeps_the_old_checkpoint_when_a_save_dies(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
     AtomicCheckpointIO().save_checkpoint({"step": 3}, path)
     assert torch.load(path, weights_only=False) == {"step": 3}
+
+
+def _sampler_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    s = ResumableSampler(list(range(40)), seed=100 + rank, stream=0, batch_size=4)  # seeds differ
+    s.set_epoch(1)
+    torch.save([i for i, _ in s], f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_share_rank_zeros_seed_so_shards_partition_the_data(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sampler_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
+    assert len(a) == len(b) == 20 and sorted(a + b) == list(range(40))
+    single = ResumableSampler(list(range(40)), seed=100, stream=0, batch_size=4)
+    single.set_epoch(1)
+    order = [i for i, _ in single]
+    assert a == order[0::2] and b == order[1::2]  # rank 0's seed, interleaved shards

@@ -50,6 +50,12 @@ class ResumableSampler(DistributedSampler):
         self, dataset: Dataset, seed: int, stream: int, shuffle: bool = True, batch_size: int = 1
     ) -> None:
         initialised = dist.is_available() and dist.is_initialized()
+        if initialised and dist.get_world_size() > 1:
+            # every rank must permute with the same seed, or the shards overlap; without
+            # seed_everything each process has its own torch.initial_seed()
+            shared = [seed]
+            dist.broadcast_object_list(shared, src=0)
+            seed = int(shared[0])  # type: ignore[call-overload]
         super().__init__(
             dataset,  # type: ignore[arg-type]
             num_replicas=dist.get_world_size() if initialised else 1,
