@@ -184,3 +184,28 @@ def test_ranks_share_rank_zeros_seed_so_shards_partition_the_data(tmp_path):
     single.set_epoch(1)
     order = [i for i, _ in single]
     assert a == order[0::2] and b == order[1::2]  # rank 0's seed, interleaved shards
+
+
+def test_reloaded_loaders_start_from_the_current_epochs_order(synthetic_root):
+    """With reload_dataloaders_every_n_epochs every epoch builds new loaders (and Lightning
+    iterates them once before set_epoch): each epoch must still get its own order."""
+    import lightning as L
+    from helpers import quiet_cpu_trainer
+
+    from sclip_lightning import SCLIPDataModule, SCLIPModule
+
+    seen: dict[int, list[int]] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.setdefault(trainer.current_epoch, []).extend(batch["paired"]["index"].tolist())
+
+    L.seed_everything(0, verbose=False)
+    data = SCLIPDataModule(
+        dataset="synthetic", label_ratio=0.02, batch_size=8, unpaired_batch_size=8, num_workers=0
+    )
+    trainer = quiet_cpu_trainer(
+        max_epochs=3, reload_dataloaders_every_n_epochs=1, callbacks=[Record()]
+    )
+    trainer.fit(SCLIPModule(model_name="sclip-tiny", warmup_steps=0), datamodule=data)
+    assert len(seen) == 3 and seen[0] != seen[1] != seen[2] != seen[0]
