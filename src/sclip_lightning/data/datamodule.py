@@ -346,16 +346,18 @@ class SCLIPDataModule(L.LightningDataModule):
         return load_keywords(spec)
 
     # ------------------------------------------------------------ loaders
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, drop_last: bool, **kw):
+    def _eval_loader(self, ds: Dataset, batch_size: int, **kw):
+        """In-order loader for evaluation and prediction. Its private generator seeds the
+        workers, so evaluating (e.g. a sanity check after a resume) never draws from the
+        global random state that training continues with."""
         nw = self._hp.num_workers
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
             num_workers=nw,
             persistent_workers=nw > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(0),
             **kw,
         )
 
@@ -474,11 +476,9 @@ class SCLIPDataModule(L.LightningDataModule):
                     base = registry.build_classes(name, root, split, skip_corrupt=hp.skip_corrupt)
                     templates = hp.templates or source.templates
                     loaders.append(
-                        self._loader(
+                        self._eval_loader(
                             KeyedSet(base, self.eval_transform, ("label",)),
                             hp.eval_batch_size,
-                            False,
-                            False,
                         )
                     )
                     specs.append(EvalSpec(f"{label}/{split}", kind, list(base.classes), templates))
@@ -489,9 +489,7 @@ class SCLIPDataModule(L.LightningDataModule):
                         base, self.eval_transform, self.tokenizer, hp.retrieval_protocol
                     )
                     loaders.append(
-                        self._loader(
-                            rs, hp.eval_batch_size, False, False, collate_fn=collate_retrieval
-                        )
+                        self._eval_loader(rs, hp.eval_batch_size, collate_fn=collate_retrieval)
                     )
                     specs.append(EvalSpec(f"{label}/{split}", kind))
         return loaders, specs
@@ -523,9 +521,7 @@ class SCLIPDataModule(L.LightningDataModule):
             classes = list(registry.build_classes(name, root, hp.test_split).classes)
             templates = hp.templates or registry.get_source(name).templates
         self.predict_spec = EvalSpec(str(hp.predict_root), "predict", classes, list(templates))
-        return self._loader(
-            KeyedSet(base, self.eval_transform, ("path",)), hp.eval_batch_size, False, False
-        )
+        return self._eval_loader(KeyedSet(base, self.eval_transform, ("path",)), hp.eval_batch_size)
 
     def eval_specs(self, stage: str) -> list[EvalSpec]:
         """The specs of the loaders last built for ``stage`` (``"val"`` or ``"test"``)."""
