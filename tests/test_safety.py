@@ -104,3 +104,16 @@ def test_mixed_precision_trains_clean_on_cpu(synthetic_root, precision):
     assert int(module.nonfinite_steps) == 0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_subclass_with_other_loss_terms_is_named_in_the_error(synthetic_root):
+    class ExtraTerm(SCLIPModule):
+        def compute_losses(self, batch):
+            losses = super().compute_losses(batch)
+            bad = float("inf") if self.trainer.global_step == 2 else 0.0
+            losses["my_regulariser"] = losses["contrastive_loss"] * 0 + bad
+            return losses
+
+    module = _module(ExtraTerm, nonfinite="raise", nonfinite_check_every_n_steps=1)
+    with pytest.raises(FloatingPointError, match=r"training step 2 .*my_regulariser=inf"):
+        quiet_cpu_trainer(max_steps=5).fit(module, datamodule=_data())

@@ -159,6 +159,12 @@ class SCLIPModule(L.LightningModule):
         self.register_buffer("nonfinite_first_terms", torch.zeros(3), persistent=True)
         self.register_buffer("nonfinite_steps", torch.tensor(0), persistent=True)
         self._step_terms: torch.Tensor | None = None
+        self._step_term_names: tuple[str, ...] = ()
+        self._nonfinite_term_names: tuple[str, ...] = (
+            "contrastive_loss",
+            "caption_loss",
+            "keyword_loss",
+        )
         self._reported_nonfinite = 0
 
     # ------------------------------------------------------------------ hooks
@@ -317,6 +323,7 @@ class SCLIPModule(L.LightningModule):
         if ramp < 1.0:
             losses = {k: v if k == "contrastive_loss" else v * ramp for k, v in losses.items()}
         total = sum(losses.values())
+        self._step_term_names = tuple(losses)  # subclasses may return other terms
         self._step_terms = torch.stack([v.detach().float() for v in losses.values()])
         bs = batch["paired"]["image"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
@@ -402,6 +409,9 @@ class SCLIPModule(L.LightningModule):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
         flag = bad > 0
+        if self.nonfinite_first_terms.shape != self._step_terms.shape:  # other loss terms
+            self.nonfinite_first_terms = torch.zeros_like(self._step_terms)
+        self._nonfinite_term_names = self._step_term_names
         new = flag & (self.nonfinite_first_step < 0)
         step = torch.as_tensor(self.trainer.global_step, device=flag.device)
         self.nonfinite_first_step.copy_(torch.where(new, step, self.nonfinite_first_step))
@@ -424,7 +434,7 @@ class SCLIPModule(L.LightningModule):
         first = int(self.nonfinite_first_step)
         if first < 0:
             return
-        names = ("contrastive_loss", "caption_loss", "keyword_loss")
+        names = self._nonfinite_term_names
         terms = ", ".join(
             f"{n}={v:.4g}" for n, v in zip(names, self.nonfinite_first_terms.tolist(), strict=True)
         )

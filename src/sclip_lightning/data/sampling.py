@@ -4,9 +4,12 @@ The order of every training loader is a pure function of ``(seed, stream, epoch,
 (``pass`` counts re-iterations inside one epoch, as ``max_size_cycle`` does for the shorter
 loader), and every sample carries its own seed for its random augmentation and caption
 choice. A loader's state is therefore two integers, the epoch and the number of batches
-already consumed in it; Lightning saves it in each checkpoint (``state_dict``) and hands it
-back on resume (``load_state_dict``) before the loader is iterated, and the loader skips the
-consumed batches by index (no image is decoded for them). The main process's random state
+already consumed in it. :class:`~sclip_lightning.SCLIPDataModule` saves it in each
+checkpoint and, on resume, hands it to the loaders it builds, which skip the consumed
+batches by index (no image is decoded for them). The loaders also expose it as
+``state_dict``/``load_state_dict``, so Lightning treats them as resumable; Lightning's own
+call comes only after the loaders were first iterated when ``configure_optimizers`` asks for
+``estimated_stepping_batches``, hence the data module's path. The main process's random state
 is saved by :class:`sclip_lightning.SCLIPModule`, so the whole run is reproducible.
 
 The sampler is a :class:`~torch.utils.data.DistributedSampler` (it shards by rank when a
