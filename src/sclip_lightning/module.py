@@ -442,7 +442,7 @@ class SCLIPModule(L.LightningModule):
             raise FloatingPointError(
                 f"non-finite loss or gradient at training step {first} ({terms}); its update "
                 "was not applied. Lower the learning rate, check the data of that step, use "
-                "objective='recommended' (log-domain OT, bounded keyword weights), or set "
+                "objective='recommended' (bounded keyword weights), or set "
                 "model.nonfinite='skip' to skip such steps and count them."
             )
         count = int(self.nonfinite_steps)

@@ -26,7 +26,7 @@ def assign(
     support: str = "image",
     sinkhorn_iters: int = 10,
     sinkhorn_reg: float | None = None,
-    sinkhorn_solver: str = "log",
+    sinkhorn_solver: str = "pot",
     detach: bool = False,
 ) -> torch.Tensor:
     """Pseudo-label assignment ``Gamma`` (B_u, B_p) of unpaired images to paired captions.
@@ -42,7 +42,7 @@ def assign(
             variants silently used image features) ``"text"`` really uses the captions.
         sinkhorn_iters: Sinkhorn iterations for ``"ot"``.
         sinkhorn_reg: fixed entropic regularisation; ``None`` means ``1/s`` (release).
-        sinkhorn_solver: ``"log"`` (float32-exact) or ``"pot"`` (float64, as released).
+        sinkhorn_solver: ``"pot"`` (float64, as released; default) or ``"log"`` (float32-exact).
         detach: stop gradients through ``Gamma`` (release: False).
 
     Returns:
@@ -79,7 +79,7 @@ class CaptionOTLoss(nn.Module):
         support: ``"image" | "text"``.
         sinkhorn_iters: >= 1.
         sinkhorn_reg: > 0 or None (= 1/s).
-        sinkhorn_solver: ``"log" | "pot"``.
+        sinkhorn_solver: ``"pot" | "log"``.
         detach_plan: stop gradients through the assignment.
     """
 
@@ -89,7 +89,7 @@ class CaptionOTLoss(nn.Module):
         support: str = "image",
         sinkhorn_iters: int = 10,
         sinkhorn_reg: float | None = None,
-        sinkhorn_solver: str = "log",
+        sinkhorn_solver: str = "pot",
         detach_plan: bool = False,
     ) -> None:
         super().__init__()

@@ -169,6 +169,118 @@ def _logsumexp_owned(x: torch.Tensor) -> torch.Tensor:
 FAST_BACKWARD_MAX_SPREAD = 700.0
 
 
+def sinkhorn_forward(
+    cost: torch.Tensor,
+    reg: torch.Tensor | float,
+    num_iters: int,
+    solver: str,
+    overwrite_cost: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Forward half of :class:`SinkhornAssign` (no autograd), shared with the fused loss.
+
+    Returns ``(gamma, gamma64, log_u, log_v)``: the row-normalised plan in the cost's dtype,
+    the same plan in float64 for ``"pot"`` (None for ``"log"``: the backward rebuilds it),
+    and the potentials of every iteration, (T+1, n) and (T, m) in float64.
+    ``overwrite_cost``: the caller no longer needs ``cost``; its buffer then holds
+    ``gamma`` (one large allocation fewer).
+    """
+    n, m = cost.shape
+    log_a, log_b = -math.log(n), -math.log(m)
+    lus = cost.new_empty((num_iters + 1, n), dtype=torch.float64)
+    lvs = cost.new_empty((num_iters, m), dtype=torch.float64)
+    if solver == "pot":
+        # as POT: K = exp(C / -reg) in float64 (one buffer, in place)
+        kernel = cost.to(torch.float64, copy=True)
+        kernel.div_(-(reg.double() if isinstance(reg, torch.Tensor) else reg)).exp_()
+        kernel_t = kernel.T  # a transposed BLAS matvec beats a transposing copy
+        lus[0] = 1.0 / n
+        u_rows, v_rows = lus.unbind(0), lvs.unbind(0)
+        col, row = lvs.new_empty(m), lus.new_empty(n)
+        for t in range(num_iters):
+            torch.div(1.0 / m, torch.mv(kernel_t, u_rows[t], out=col), out=v_rows[t])
+            torch.div(1.0 / n, torch.mv(kernel, v_rows[t], out=row), out=u_rows[t + 1])
+        # u_T = a / (K v_T), so u_T K v_T / a is the plan with rows renormalised
+        gamma64 = kernel.mul_(lvs[-1]).mul_((lus[-1] * n).unsqueeze(-1))
+        lus.log_()
+        lvs.log_()
+        gamma = cost.copy_(gamma64) if overwrite_cost else gamma64.to(cost.dtype)
+        return gamma, gamma64, lus, lvs
+    log_kernel = cost.div_(-reg) if overwrite_cost else cost / (-reg)
+    log_kernel_t = log_kernel.T.contiguous()  # contiguous column reductions
+    lus[0] = log_a
+    lu = log_kernel.new_full((n,), log_a)
+    lv = log_kernel.new_zeros((m,))
+    for t in range(num_iters):
+        lv = log_b - _logsumexp_owned(log_kernel_t + lu)
+        lu = log_a - _logsumexp_owned(log_kernel + lv)
+        lvs[t] = lv
+        lus[t + 1] = lu
+    return torch.softmax(log_kernel.add_(lv), dim=-1), None, lus, lvs
+
+
+def sinkhorn_backward(
+    cost: torch.Tensor | None,
+    reg: torch.Tensor | float,
+    gamma64: torch.Tensor | None,
+    lus: torch.Tensor,
+    lvs: torch.Tensor,
+    grad_gamma: torch.Tensor,
+    grad_owned: bool = False,
+) -> torch.Tensor:
+    """Exact gradient of the unrolled iterations with respect to ``L = -C / reg``.
+
+    See :class:`SinkhornAssign` for the derivation. ``grad_gamma`` is the gradient with
+    respect to the row-normalised plan; ``gamma64`` the float64 plan (None: rebuilt from
+    ``cost``, ``reg`` and the final potentials; ``cost`` is only read then). Every (n, m)
+    pass runs in float64 with a single dtype (mixed float32/float64 elementwise products
+    are several times slower on CPU). Returns ``dL`` (n, m) in float64; with
+    ``grad_owned`` (a float64 ``grad_gamma`` the caller no longer needs) it is computed in
+    ``grad_gamma``'s buffer.
+    """
+    n, m = grad_gamma.shape
+    num_iters = lvs.shape[0]
+    a, b = 1.0 / n, 1.0 / m
+    if gamma64 is None:  # log solver: Gamma = exp(L + lu_T (+) lv_T) / a in float64
+        assert cost is not None, "the log solver's backward rebuilds the plan from the cost"
+        reg64 = reg.double() if isinstance(reg, torch.Tensor) else reg
+        gamma64 = cost.to(torch.float64, copy=True).div_(-reg64)
+        gamma64.add_(lvs[-1]).add_((lus[-1] - math.log(a)).unsqueeze(-1)).exp_()
+    gamma = gamma64
+    owned = grad_owned and grad_gamma.dtype == torch.float64
+    g = grad_gamma if owned else grad_gamma.to(torch.float64, copy=True)
+    gg = gamma * g
+    row_dot = gg.sum(dim=-1)  # softmax backward: dZ = Gamma * (g - row_dot)
+    d_lv = gg.sum(dim=0).sub_(gamma.T @ row_dot)  # Gamma depends on v_T (u_T cancels)
+    del gg
+    # Walking the iterations backwards, each step adds one rank-1 term to
+    # dL = Gamma * (g - sum_k left_k right_k^T) and costs one matrix-vector product:
+    #   v-step t (v_{t+1} = b / (K^T u_t)):     left = e^{x_t - x_T},  right = w2_t
+    #   u-step t (u_{t+1} = a / (K v_{t+1})):   left = w1_t,           right = e^{y_t - y_T}
+    # with w2_{T-1} = (a/b) dv_T, w1_t = -e^{2(x_{t+1} - x_T)} (Gamma w2_{t+1}) and
+    # w2_t = -(a/b) e^{2(y_t - y_T)} (Gamma^T w1_t) (the exp factors of the unrolled chain).
+    ex = (lus - lus[-1]).exp_()  # (T+1, n): exp(x_t - x_T)
+    ey = (lvs - lvs[-1]).exp_()  # (T, m): exp(y_t - y_T), ey[T-1] = 1
+    neg_ex2 = ex.square().neg_()
+    neg_ey2 = ey.square().mul_(-a / b)
+    left = gamma.new_empty(2 * num_iters, n)
+    right = gamma.new_empty(2 * num_iters, m)
+    left[0], right[0] = row_dot, 1.0  # the softmax's own term: Gamma * (g - row_dot)
+    left[1::2] = ex[:num_iters].flip(0)
+    right[2::2] = ey[: num_iters - 1].flip(0)
+    torch.mul(d_lv, a / b, out=right[1])
+    left_rows, right_rows = left.unbind(0), right.unbind(0)
+    ex2_rows, ey2_rows = neg_ex2.unbind(0), neg_ey2.unbind(0)
+    gamma_t = gamma.T
+    col = gamma.new_empty(n)
+    row = gamma.new_empty(m)
+    k = 2
+    for t in range(num_iters - 2, -1, -1):
+        torch.mul(torch.mv(gamma, right_rows[k - 1], out=col), ex2_rows[t + 1], out=left_rows[k])
+        torch.mul(torch.mv(gamma_t, left_rows[k], out=row), ey2_rows[t], out=right_rows[k + 1])
+        k += 2
+    return g.addmm_(left.T, right, alpha=-1.0).mul_(gamma)  # in g's buffer: no new pages
+
+
 class SinkhornAssign(torch.autograd.Function):
     """Row-normalised Sinkhorn plan ``Gamma`` for a cost ``C`` and regularisation ``reg``.
 
@@ -179,7 +291,7 @@ class SinkhornAssign(torch.autograd.Function):
     ``exp(L + x_t (+) y_t)`` with ``L = -C/reg`` and potentials ``x_t, y_t`` saved in the
     forward (vectors), i.e. ``Gamma`` rescaled by ``diag(exp(x_t - x_T))`` and
     ``diag(exp(y_t - y_T))``. The backward therefore runs 2T matrix-vector products with
-    ``Gamma`` and one rank-(2T+1) update ``dL = Gamma * (g - A B^T)`` in float64, instead
+    ``Gamma`` and one rank-2T update ``dL = Gamma * (g - A B^T)`` in float64, instead
     of back-propagating 2T exp/log-sum-exp passes.
 
     Forward solvers: ``"pot"`` multiplicative updates in float64 (the release);
@@ -193,80 +305,24 @@ class SinkhornAssign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cost, reg, num_iters: int, solver: str):  # type: ignore[override]
-        n, m = cost.shape
-        log_a, log_b = -math.log(n), -math.log(m)
-        lus = cost.new_empty((num_iters + 1, n), dtype=torch.float64)
-        lvs = cost.new_empty((num_iters, m), dtype=torch.float64)
-        if solver == "pot":
-            # as POT: K = exp(C / -reg) in float64 (one buffer, in place)
-            kernel = cost.to(torch.float64, copy=True)
-            kernel.div_(-(reg.double() if isinstance(reg, torch.Tensor) else reg)).exp_()
-            kernel_t = kernel.T  # a transposed BLAS matvec beats a transposing copy
-            lus[0] = 1.0 / n
-            u = lus[0]
-            for t in range(num_iters):
-                torch.div(1.0 / m, kernel_t @ u, out=lvs[t])
-                torch.div(1.0 / n, kernel @ lvs[t], out=lus[t + 1])
-                u = lus[t + 1]
-            # u_T = a / (K v_T), so u_T K v_T / a is the plan with rows renormalised
-            gamma = kernel.mul_(lvs[-1]).mul_((lus[-1] * n).unsqueeze(-1))
-            lus.log_()
-            lvs.log_()
-            ctx.save_for_backward(cost, reg if isinstance(reg, torch.Tensor) else None, gamma)
-        else:
-            log_kernel = cost / (-reg)
-            log_kernel_t = log_kernel.T.contiguous()  # contiguous column reductions
-            lus[0] = log_a
-            lu = log_kernel.new_full((n,), log_a)
-            for t in range(num_iters):
-                lv = log_b - _logsumexp_owned(log_kernel_t + lu)
-                lu = log_a - _logsumexp_owned(log_kernel + lv)
-                lvs[t] = lv
-                lus[t + 1] = lu
-            gamma = torch.softmax(log_kernel.add_(lv), dim=-1)
-            ctx.save_for_backward(cost, reg if isinstance(reg, torch.Tensor) else None, None)
+        gamma, gamma64, lus, lvs = sinkhorn_forward(cost, reg, num_iters, solver)
+        ctx.save_for_backward(cost, reg if isinstance(reg, torch.Tensor) else None, gamma64)
         ctx.reg = reg
         ctx.potentials = (lus, lvs)
-        return gamma.to(cost.dtype)
+        return gamma
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_gamma: torch.Tensor):  # type: ignore[override]
-        cost, reg_t, gamma = ctx.saved_tensors
+        cost, reg_t, gamma64 = ctx.saved_tensors
         lus, lvs = ctx.potentials
         reg = ctx.reg if reg_t is None else reg_t.double()
-        n, m = cost.shape
-        num_iters = lvs.shape[0]
-        a, b = 1.0 / n, 1.0 / m
-        if gamma is None:  # log solver: Gamma = exp(L + lu_T (+) lv_T) / a in float64
-            gamma = cost.to(torch.float64, copy=True).div_(-reg)
-            gamma.add_(lvs[-1]).add_((lus[-1] - math.log(a)).unsqueeze(-1)).exp_()
-        g = grad_gamma
-        gg = gamma * g
-        row_dot = gg.sum(dim=-1)  # softmax backward: dZ = Gamma * (g - row_dot)
-        d_lv = gg.sum(dim=0).sub_(gamma.T @ row_dot)  # Gamma depends on v_T (u_T cancels)
-        del gg
-        ex = (lus - lus[-1]).exp_()  # (T+1, n): exp(x_t - x_T)
-        ey = (lvs - lvs[-1]).exp_()  # (T, m)
-        # dL = Gamma * (g - row_dot 1^T - sum_k left_k right_k^T)
-        left, right = [row_dot], [torch.ones_like(d_lv)]
-        d_lu = None
-        for t in range(num_iters - 1, -1, -1):
-            if d_lu is not None:  # u_{t+1} = a / (K v_{t+1}): row log-sum-exp of L + lv
-                w = ex[t + 1] * d_lu
-                left.append(w)
-                right.append(ey[t])
-                d_lv = -(ey[t] * (gamma.T @ w))
-            # v_{t+1} = b / (K^T u_t): column log-sum-exp of L + lu_t
-            w = ey[t] * d_lv * (a / b)
-            left.append(ex[t])
-            right.append(w)
-            d_lu = -(ex[t] * (gamma @ w))
-        d_log_kernel = torch.stack(left, dim=1) @ torch.stack(right, dim=0)
-        d_log_kernel = torch.sub(g, d_log_kernel, out=d_log_kernel).mul_(gamma)
+        d_log_kernel = sinkhorn_backward(cost, reg, gamma64, lus, lvs, grad_gamma)
         d_reg = None
         if reg_t is not None and ctx.needs_input_grad[1]:  # L = -C / reg
-            d_reg = ((d_log_kernel * cost).sum() / reg**2).to(reg_t.dtype)
+            d_reg = (torch.dot(d_log_kernel.reshape(-1), cost.double().reshape(-1)) / reg**2).to(
+                reg_t.dtype
+            )
         d_cost = d_log_kernel.div_(-reg).to(cost.dtype) if ctx.needs_input_grad[0] else None
         return d_cost, d_reg, None, None
 

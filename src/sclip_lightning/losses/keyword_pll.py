@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sclip_lightning.losses.functional import soft_cross_entropy
-
 KEYWORD_WEIGHTINGS = ("linear", "softmax")
 
 
@@ -88,11 +86,82 @@ class KeywordPLLLoss(nn.Module):
         plan: (B_u, B_p) assignment; its row argmax picks the candidate set.
         logit_scale: scalar ``s``.
         """
-        nearest = plan.detach().argmax(dim=-1)
+        nearest = plan.detach().max(dim=-1).indices
         candidates = paired_candidates[nearest]
-        logits = (unpaired_features @ keyword_features.T) * logit_scale
-        targets = keyword_targets(
-            unpaired_features, keyword_features, candidates, logit_scale, self.weighting, logits
+        scale = torch.as_tensor(logit_scale, dtype=unpaired_features.dtype)
+        return _KeywordPLL.apply(
+            unpaired_features,
+            keyword_features,
+            scale.to(unpaired_features.device),
+            candidates,
+            self.weighting,
+            self.empty_rows_in_mean,
         )
-        row_weight = None if self.empty_rows_in_mean else candidates.any(dim=-1).to(logits.dtype)
-        return soft_cross_entropy(logits, targets, row_weight)
+
+
+def keyword_loss_forward(
+    unpaired: torch.Tensor,
+    keywords: torch.Tensor,
+    scale: torch.Tensor,
+    candidates: torch.Tensor,
+    weighting: str,
+    empty_rows_in_mean: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Value of the keyword loss without autograd, and what :func:`keyword_loss_backward`
+    needs: ``soft_cross_entropy(s U K^T, keyword_targets(...), row_weight)``."""
+    sim = unpaired @ keywords.T  # (B_u, K)
+    logits = sim * scale
+    targets = keyword_targets(unpaired, keywords, candidates, scale, weighting, logits)
+    log_p = torch.log_softmax(logits, dim=-1)
+    if empty_rows_in_mean:
+        denom = logits.new_tensor(float(max(logits.shape[0], 1)))
+    else:  # rows without candidates have all-zero targets: they only change the count
+        denom = candidates.any(dim=-1).sum().to(logits.dtype).clamp_min(1.0)
+    loss = -torch.dot(targets.view(-1), log_p.view(-1)) / denom
+    return loss, (sim, targets, log_p, denom)
+
+
+def keyword_loss_backward(
+    grad: torch.Tensor, scale: torch.Tensor, saved: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d sim * s, d s)`` for the loss of :func:`keyword_loss_forward`: the gradient with
+    respect to ``U K^T`` (so ``dU = . @ K``, ``dK = .^T @ U``) and to the scale."""
+    sim, targets, log_p, denom = saved
+    d_logits = torch.exp(log_p).mul_(targets.sum(dim=-1, keepdim=True)).sub_(targets)
+    d_logits.mul_(grad / denom)  # softmax * sum(targets) - targets
+    d_scale = torch.dot(d_logits.view(-1), sim.view(-1))
+    return d_logits.mul_(scale), d_scale
+
+
+class _KeywordPLL(torch.autograd.Function):
+    """Soft cross-entropy of ``s U K^T`` against :func:`keyword_targets`, one autograd node.
+
+    Same value and gradients as ``soft_cross_entropy(s * U @ K.T, targets, row_weight)``
+    (the targets are built from detached similarities, as released); the backward is
+    ``softmax * sum(targets) - targets`` and three small products, with no graph of a dozen
+    (B_u, K) operations behind it.
+    """
+
+    @staticmethod
+    def forward(ctx, unpaired, keywords, scale, candidates, weighting, empty_rows_in_mean):  # type: ignore[override]
+        loss, saved = keyword_loss_forward(
+            unpaired, keywords, scale, candidates, weighting, empty_rows_in_mean
+        )
+        ctx.save_for_backward(unpaired, keywords, scale, *saved)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        unpaired, keywords, scale, *saved = ctx.saved_tensors
+        d_sim, d_scale = keyword_loss_backward(grad, scale, tuple(saved))
+        d_unpaired = d_sim @ keywords if ctx.needs_input_grad[0] else None
+        d_keywords = d_sim.T @ unpaired if ctx.needs_input_grad[1] else None
+        return (
+            d_unpaired,
+            d_keywords,
+            d_scale if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+        )
