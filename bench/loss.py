@@ -5,11 +5,14 @@ For B_p = B_u in {32, 128, 512, 1024}, D = 512, K = 45 it times
   - SCLIPLoss recommended (log-domain OT, gradients through the plan, softmax keyword
     weights),
   - SCLIPLoss released (POT-order Sinkhorn in float64, gradients through the plan),
-  - the matrix-product floor: only the products any S-CLIP implementation needs (the
-    caption logits s Y [X; U]^T and the OT similarity U X^T, forward and backward),
+  - the matrix-product floor: only the nine (B x B x D) products any S-CLIP implementation
+    with gradients through the plan needs (the caption logits [X; U] (s Y)^T and the OT
+    similarity U X^T, forward, and their four + two backward products), no autograd,
   - the loop-form reimplementation of the release (bench/release_reference.py: POT call and a
     Python loop over unpaired images), skipped above --max-loop-b,
-and prints medians and the ratios. Usage: python bench/loss.py [--sizes 32 128] [--reps 5]
+and prints medians and the ratios. The variants run interleaved (one call of each per
+round, --reps rounds), so a slow patch of the machine hits all of them alike.
+Usage: python bench/loss.py [--sizes 32 128] [--reps 15]
 """
 
 from __future__ import annotations
@@ -37,14 +40,38 @@ def inputs(b, d, k, seed=0):
     return mk(b), mk(b), mk(b), mk(k), cand, torch.tensor(30.0, requires_grad=True)
 
 
-def timeit(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each callable, one call of each per round (after a warm-up)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def gemm_floor(x, y, u, s):
+    """The nine products of the objective (forward 3, backward 6), without autograd."""
+    x, y, u, s = (t.detach() for t in (x, y, u, s))
+    b = x.shape[0]
+
+    def run():
+        st = y * s
+        logits = torch.empty(2 * b, b)
+        torch.mm(x, st.T, out=logits[:b])
+        torch.mm(u, st.T, out=logits[b:])
+        sim = u @ x.T
+        d_x = logits[:b] @ st
+        d_u = logits[b:] @ st
+        d_st = logits[:b].T @ x
+        d_st.addmm_(logits[b:].T, u)
+        d_x.addmm_(sim.T, u)
+        d_u.addmm_(sim, x)
+
+    return run
 
 
 def main(argv=None):
@@ -52,7 +79,7 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 128, 512, 1024])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--keywords", type=int, default=45)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--max-loop-b", type=int, default=1024)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -62,7 +89,7 @@ def main(argv=None):
     rec, rel = SCLIPLoss(), SCLIPLoss.as_released()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, D={args.dim}, "
-        f"K={args.keywords}, forward+backward, median of {args.reps}"
+        f"K={args.keywords}, forward+backward, median of {args.reps} interleaved rounds"
     )
     header = (
         f"{'B':>6} {'ClipLoss ms':>12} {'recommended ms':>15} {'released ms':>12} "
@@ -81,18 +108,15 @@ def main(argv=None):
 
             return f
 
-        def run_floor():
-            logits = (s * y) @ torch.cat([x, u]).T
-            (logits.sum() + (u @ x.T).sum()).backward()
-
         def run_loop():
             sum(release_loss(x, y, s, u, k, cand).values()).backward()
 
-        t_clip = timeit(run_clip, args.reps)
-        t_rec = timeit(run(rec), args.reps)
-        t_rel = timeit(run(rel), args.reps)
-        t_floor = timeit(run_floor, args.reps)
-        t_loop = timeit(run_loop, max(1, args.reps // 2)) if b <= args.max_loop_b else float("nan")
+        fns = {"clip": run_clip, "rec": run(rec), "rel": run(rel), "floor": gemm_floor(x, y, u, s)}
+        if b <= args.max_loop_b:
+            fns["loop"] = run_loop
+        t = interleaved(fns, args.reps)
+        t_clip, t_rec, t_rel, t_floor = t["clip"], t["rec"], t["rel"], t["floor"]
+        t_loop = t.get("loop", float("nan"))
         print(
             f"{b:>6} {1e3 * t_clip:>12.2f} {1e3 * t_rec:>15.2f} {1e3 * t_rel:>12.2f} "
             f"{1e3 * t_loop:>10.1f} {1e3 * t_floor:>9.2f} {t_floor / t_clip:>10.2f} "

@@ -409,3 +409,76 @@ def test_fused_column_cross_entropy_equals_the_unfused_losses(bp, bu):
     torch.testing.assert_close(cap, ref_cap)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------- fused node
+def _composed_reference(opts, x, y, s, u, kw, cand):
+    """The objective from the standalone losses (no SCLIPCore): the test's reference."""
+    contrastive = ContrastiveLoss(opts.get("unpaired_negatives", True))(x, y, s, u)
+    cap_loss = CaptionOTLoss(
+        sinkhorn_iters=opts.get("sinkhorn_iters", 10),
+        sinkhorn_reg=opts.get("sinkhorn_reg"),
+        sinkhorn_solver=opts.get("sinkhorn_solver", "pot"),
+        detach_plan=opts.get("detach_plan", False),
+    )
+    plan = cap_loss.assign(u, x, y, s)
+    kw_loss = KeywordPLLLoss(
+        opts.get("keyword_weighting", "softmax"), opts.get("keyword_empty_rows_in_mean", True)
+    )
+    out = {"contrastive_loss": opts.get("contrastive_weight", 1.0) * contrastive}
+    cw, kww = opts.get("caption_weight", 0.5), opts.get("keyword_weight", 0.5)
+    out["caption_loss"] = cw * cap_loss(u, x, y, s, plan) if cw > 0 else 0 * s
+    out["keyword_loss"] = kww * kw_loss(u, kw, cand, plan, s) if kww > 0 else 0 * s
+    return out
+
+
+FUSED_OPTIONS = [
+    {},
+    {"keyword_weighting": "linear"},
+    {"sinkhorn_solver": "log"},
+    {"detach_plan": True},
+    {"unpaired_negatives": False},
+    {"caption_weight": 0.0},
+    {"caption_weight": 0.0, "unpaired_negatives": False},
+    {"keyword_weight": 0.0},
+    {"sinkhorn_reg": 0.05, "sinkhorn_iters": 3},
+    {"keyword_empty_rows_in_mean": False, "contrastive_weight": 2.0, "caption_weight": 1.5},
+]
+
+
+@pytest.mark.parametrize("opts", FUSED_OPTIONS, ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize("bp,bu,s", [(8, 8, 14.0), (6, 11, 100.0), (9, 3, 1.0)])
+def test_fused_node_equals_the_standalone_losses(opts, bp, bu, s):
+    """SCLIPLoss's one-node path (losses/core.py) against ContrastiveLoss + CaptionOTLoss +
+    KeywordPLLLoss composed by autograd: values and every gradient, scale included."""
+    x, y, u, kw, cand = batch(bp, bu, 5, dtype=torch.float32, seed=bp * bu)
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (x, y, u, kw)] + [
+            torch.tensor(s, requires_grad=True)
+        ]
+
+    loss = SCLIPLoss(**opts)
+    assert loss._fused_plan()
+    a = leaves()
+    got = loss(a[0], a[1], a[4], a[2], a[3], cand)
+    b = leaves()
+    want = _composed_reference(opts, b[0], b[1], b[4], b[2], b[3], cand)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+    g_got = torch.autograd.grad(sum(got.values()), a, allow_unused=True)
+    g_want = torch.autograd.grad(sum(want.values()), b, allow_unused=True)
+    for ga, gb in zip(g_got, g_want, strict=True):
+        ga = torch.zeros(()) if ga is None else ga
+        gb = torch.zeros(()) if gb is None else gb
+        torch.testing.assert_close(ga, gb.expand_as(ga), atol=2e-5, rtol=1e-4)
+
+
+def test_fused_node_second_backward_is_an_error_not_a_wrong_gradient():
+    x, y, u, kw, cand = batch(6, 6, 4, dtype=torch.float32)
+    params = [t.clone().requires_grad_(True) for t in (x, y, u, kw)]
+    total = SCLIPLoss()(params[0], params[1], torch.tensor(10.0), params[2], params[3], cand)
+    total = sum(total.values())
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        total.backward()

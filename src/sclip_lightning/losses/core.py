@@ -8,8 +8,8 @@ the pieces and shares their intermediate results:
 - one product ``L^T = [X; U] (s Y)^T`` holds every caption logit (image->text and the
   unpaired images' caption logits in its rows, text->image in its columns; the unpaired
   block has the plan's layout, so the caption terms need no transposed passes);
-- one row and one column softmax of ``L`` serve the three cross-entropies, forward and
-  backward;
+- one row and one column log-softmax of ``L`` serve the three cross-entropies, forward
+  and backward (the softmax the backward needs is their exponential, in place);
 - the Sinkhorn plan comes from :func:`sinkhorn_forward` and its exact unrolled gradient
   from :func:`sinkhorn_backward` (low rank, float64);
 - the backward runs exactly the matrix products the gradients need (``dL^T (s Y)``,
@@ -85,35 +85,27 @@ class SCLIPCore(torch.autograd.Function):
         logits_t = image.new_empty(n, n_p)
         torch.mm(image, scaled_text.T, out=logits_t[:n_p])
         torch.mm(unpaired, scaled_text.T, out=logits_t[n_p:])
-        diag = logits_t.diagonal()
-        # image -> text (paired rows) and the caption loss (unpaired rows): row softmax
+        # image -> text (paired rows) and the caption loss (unpaired rows): row log-softmax
         n_c = n if caption else n_p
-        img_rows = logits_t[:n_c]
-        img_max = img_rows.amax(dim=1, keepdim=True)
-        p_img = torch.sub(img_rows, img_max).exp_()
-        img_sum = p_img.sum(dim=1)
-        img_lse = img_sum.log().add_(img_max.squeeze(1))
-        i2t = (img_lse[:n_p] - diag).mean()
-        # text -> image: column softmax over the candidates (the unpaired too: `negatives`)
+        log_p_img = torch.log_softmax(logits_t[:n_c], dim=1)
+        i2t = -log_p_img[:n_p].diagonal().mean()
+        # text -> image: column log-softmax over the candidates (unpaired too: `negatives`)
         n_r = n if options.negatives else n_p
-        txt_cols = logits_t[:n_r]
-        txt_max = txt_cols.amax(dim=0)
-        p_txt = torch.sub(txt_cols, txt_max).exp_()
-        txt_sum = p_txt.sum(dim=0)
-        t2i = (txt_sum.log().add_(txt_max) - diag).mean()
+        log_p_txt = torch.log_softmax(logits_t[:n_r], dim=0)
+        t2i = -log_p_txt.diagonal().mean()
+        del logits_t
         # the plan over the paired images (its float32 copy reuses the cost's buffer)
         sim = unpaired @ image.T  # (B_u, B_p)
         reg = (1.0 / scale) if options.reg is None else options.reg
         gamma, gamma64, lus, lvs = sinkhorn_forward(
             torch.sub(1.0, sim), reg, options.num_iters, options.solver, overwrite_cost=True
         )
-        cap = logits_t.new_zeros(())
+        cap = image.new_zeros(())
         gamma_sum = None
-        if caption:  # mean_u of lse_u sum_p Gamma_up - sum_p Gamma_up L_up
+        if caption:  # mean_u of -sum_p Gamma_up log softmax_p(L_u)
             gamma_sum = gamma.sum(dim=1)
-            cap = torch.dot(img_lse[n_p:], gamma_sum)
-            cap = (cap - torch.dot(gamma.view(-1), logits_t[n_p:].reshape(-1))) / n_u
-        kw = logits_t.new_zeros(())
+            cap = -torch.dot(gamma.view(-1), log_p_img[n_p:].reshape(-1)) / n_u
+        kw = cap.new_zeros(())
         kw_saved: tuple[torch.Tensor, ...] = ()
         if keywords is not None:
             assert candidates is not None
@@ -131,8 +123,8 @@ class SCLIPCore(torch.autograd.Function):
         ctx.sizes = (n_p, n_u, n_r, n_c, len(kw_saved))
         ctx.potentials = (lus, lvs)
         ctx.save_for_backward(
-            image, text, unpaired, keywords, scale, scaled_text, logits_t, p_img, img_sum,
-            img_lse, p_txt, txt_sum, sim, gamma, gamma64, gamma_sum, *kw_saved,
+            image, text, unpaired, keywords, scale, scaled_text, log_p_img, log_p_txt, sim,
+            gamma, gamma64, gamma_sum, *kw_saved,
         )  # fmt: skip
         return (t2i + i2t) / 2, cap, kw
 
@@ -140,27 +132,29 @@ class SCLIPCore(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_con, g_cap, g_kw):  # type: ignore[override]
         (
-            image, text, unpaired, keywords, scale, scaled_text, logits_t, p_img, img_sum,
-            img_lse, p_txt, txt_sum, sim, gamma, gamma64, gamma_sum, *kw_saved,
+            image, text, unpaired, keywords, scale, scaled_text, log_p_img, log_p_txt, sim,
+            gamma, gamma64, gamma_sum, *kw_saved,
         ) = ctx.saved_tensors  # fmt: skip
-        # Saved buffers are reused in place below (fresh pages cost more than the arithmetic
-        # on CPU); a second backward through the same graph therefore fails with PyTorch's
-        # "modified by an inplace operation" error instead of returning wrong gradients.
+        # Saved buffers are reused in place below (each fresh (B, B) buffer is one more pass
+        # through memory); a second backward through the same graph therefore fails with
+        # PyTorch's "modified by an inplace operation" error instead of giving wrong results.
         options: CoreOptions = ctx.options
         n_p, n_u, n_r, n_c, _ = ctx.sizes
         n = n_p + n_u
         caption = options.caption
+        plan_grad = caption and options.plan_grad
         c_con = g_con / (2 * n_p)  # each CE is a mean over B_p, the loss their average
         c_cap = g_cap / n_u
+        if plan_grad:  # d loss / d Gamma = -log softmax(L_u) / B_u, float64 for the Sinkhorn
+            d_gamma = log_p_img[n_p:].to(torch.float64).mul_(-c_cap.double())
         # dL^T = row softmax * its weight + column softmax * c_con - the targets
-        img_coef = torch.empty_like(img_sum)
-        img_coef[:n_p] = c_con
+        row_coef = c_con.expand(n_c).clone()
         if caption:
-            img_coef[n_p:] = gamma_sum * c_cap
-        d_logits_t = p_img.mul_(img_coef.div_(img_sum).unsqueeze(1))
+            row_coef[n_p:] = gamma_sum * c_cap
+        d_logits_t = log_p_img.exp_().mul_(row_coef.unsqueeze(1))
         if n_c < n:
             d_logits_t = torch.cat([d_logits_t, d_logits_t.new_zeros(n - n_c, n_p)])
-        d_logits_t[:n_r].addcmul_(p_txt, c_con / txt_sum)
+        d_logits_t[:n_r].addcmul_(log_p_txt.exp_(), c_con)
         d_logits_t.diagonal().sub_(2 * c_con)
         if caption:
             d_logits_t[n_p:].addcmul_(gamma, c_cap, value=-1.0)
@@ -171,10 +165,8 @@ class SCLIPCore(torch.autograd.Function):
         d_scaled_text.addmm_(d_logits_t[n_p:].T, unpaired)
         d_scale = torch.dot(d_scaled_text.view(-1), text.reshape(-1))
         d_text = d_scaled_text.mul_(scale)
-        if caption and options.plan_grad:
+        if plan_grad:
             # caption loss -> Gamma -> (unrolled Sinkhorn) -> L_ot = -cost / reg, in float64
-            d_gamma = logits_t[n_p:].to(torch.float64)
-            d_gamma.sub_(img_lse[n_p:, None].double()).mul_(-c_cap.double())
             reg = (1.0 / scale).double() if options.reg is None else options.reg
             cost = None if gamma64 is not None else torch.sub(1.0, sim)  # "log" rebuilds Gamma
             lus, lvs = ctx.potentials

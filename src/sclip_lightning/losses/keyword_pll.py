@@ -40,14 +40,14 @@ def keyword_targets(
         logits = (unpaired_features @ keyword_features.T) * logit_scale
     sim = logits.detach()
     mask = candidates.to(sim.dtype)
-    count = mask.sum(dim=-1, keepdim=True)
-    if weighting == "linear":
-        masked = sim * mask
-        weights = masked / masked.sum(dim=-1, keepdim=True)
-    else:
+    if weighting == "softmax":
+        # one candidate -> exactly one-hot; none -> uniform softmax times an all-zero mask
         filled = sim.masked_fill(~candidates, torch.finfo(sim.dtype).min)
-        weights = torch.softmax(filled, dim=-1) * mask
-    weights = torch.where(count == 1, mask, weights)
+        return torch.softmax(filled, dim=-1).mul_(mask)
+    count = mask.sum(dim=-1, keepdim=True)
+    masked = sim * mask
+    weights = masked / masked.sum(dim=-1, keepdim=True)
+    weights = torch.where(count == 1, mask, weights)  # the release sets one-hot explicitly
     return torch.where(count > 0, weights, torch.zeros_like(weights))
 
 
