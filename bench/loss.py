@@ -11,13 +11,15 @@ For B_p = B_u in {32, 128, 512, 1024}, D = 512, K = 45 it times
   - the loop-form reimplementation of the release (bench/release_reference.py: POT call and a
     Python loop over unpaired images), skipped above --max-loop-b,
 and prints medians and the ratios. The variants run interleaved (one call of each per
-round, --reps rounds), so a slow patch of the machine hits all of them alike.
+round, in a shuffled order, --reps rounds), so a slow patch of the machine hits all of them
+alike.
 Usage: python bench/loss.py [--sizes 32 128] [--reps 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -40,13 +42,19 @@ def inputs(b, d, k, seed=0):
     return mk(b), mk(b), mk(b), mk(k), cand, torch.tensor(30.0, requires_grad=True)
 
 
-def interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each callable, one call of each per round (after a warm-up)."""
+def interleaved(fns: dict, reps: int, seed: int = 0) -> dict:
+    """Median seconds of each callable: one call of each per round, in a fresh random order
+    every round (what ran just before, e.g. the allocation-heavy loop form, affects the
+    next call), after a warm-up."""
     for fn in fns.values():
         fn()
     times: dict = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(seed)
     for _ in range(reps):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
