@@ -114,7 +114,7 @@ def keyword_loss_forward(
     targets = keyword_targets(unpaired, keywords, candidates, scale, weighting, logits)
     log_p = torch.log_softmax(logits, dim=-1)
     if empty_rows_in_mean:
-        denom = logits.new_tensor(float(max(logits.shape[0], 1)))
+        denom = logits.new_full((), float(max(logits.shape[0], 1)))  # no host->device copy
     else:  # rows without candidates have all-zero targets: they only change the count
         denom = candidates.any(dim=-1).sum().to(logits.dtype).clamp_min(1.0)
     loss = -torch.dot(targets.view(-1), log_p.view(-1)) / denom

@@ -48,7 +48,7 @@ RELEASED = Preset(
 #: mixed signs). The Sinkhorn is the release's (POT's updates in float64: exact for
 #: s <= 350, and CLIP clamps s at 100); the log-domain solver gives the same plan and is
 #: kept for fixed regularisations below 1/350. Gradients still flow through the plan:
-#: detaching it cost 1.9 (lr 1e-4) to 5.8 (lr 1e-3) zero-shot points on rsicd-mini
+#: detaching it cost 1.5 (lr 1e-4) to 6.0 (lr 1e-3) zero-shot points on rsicd-mini
 #: (docs/results.md).
 RECOMMENDED = Preset(
     "recommended",
