@@ -172,7 +172,7 @@ class SCLIPCore(torch.autograd.Function):
             lus, lvs = ctx.potentials
             d_log_kernel = sinkhorn_backward(cost, reg, gamma64, lus, lvs, d_gamma, grad_owned=True)
             # L_ot = (sim - 1) / reg: d sim = dL_ot / reg (float32, in the plan's buffer)
-            d_sim = gamma.copy_(d_log_kernel.div_(reg))
+            d_sim = gamma.copy_(d_log_kernel.mul_(1.0 / reg))
             if options.reg is None:  # L_ot = (sim - 1) s: ds += sum(dL_ot * (sim - 1))
                 d_scale = d_scale + (torch.dot(d_sim.view(-1), sim.view(-1)) - d_sim.sum()) / scale
             d_image.addmm_(d_sim.T, unpaired)

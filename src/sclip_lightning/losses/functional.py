@@ -191,7 +191,8 @@ def sinkhorn_forward(
     if solver == "pot":
         # as POT: K = exp(C / -reg) in float64 (one buffer, in place)
         kernel = cost.to(torch.float64, copy=True)
-        kernel.div_(-(reg.double() if isinstance(reg, torch.Tensor) else reg)).exp_()
+        # (times -1/reg: an in-place float64 multiply is ~3x cheaper than a divide on CPU)
+        kernel.mul_(-1.0 / (reg.double() if isinstance(reg, torch.Tensor) else reg)).exp_()
         kernel_t = kernel.T  # a transposed BLAS matvec beats a transposing copy
         lus[0] = 1.0 / n
         u_rows, v_rows = lus.unbind(0), lvs.unbind(0)
