@@ -37,6 +37,7 @@ class CoreOptions:
     negatives: unpaired images are extra text->image candidates (the release).
     plan_grad: back-propagate the caption loss through the plan (the release).
     keyword_weighting, keyword_empty_rows_in_mean: see :class:`KeywordPLLLoss`.
+    weights: multipliers of the (contrastive, caption, keyword) outputs.
     """
 
     num_iters: int = 10
@@ -47,6 +48,7 @@ class CoreOptions:
     plan_grad: bool = True
     keyword_weighting: str = "softmax"
     keyword_empty_rows_in_mean: bool = True
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 class SCLIPCore(torch.autograd.Function):
@@ -59,9 +61,9 @@ class SCLIPCore(torch.autograd.Function):
       loss);
     - options: :class:`CoreOptions`.
 
-    Returns ``(contrastive, caption, keyword)``: the CLIP loss ``(CE_i2t + CE_t2i) / 2``,
-    the soft cross-entropy of ``s U Y^T`` against ``Gamma`` (0 when ``options.caption`` is
-    False) and the keyword partial-label loss (0 without keywords).
+    Returns ``(contrastive, caption, keyword)`` times ``options.weights``: the CLIP loss
+    ``(CE_i2t + CE_t2i) / 2``, the soft cross-entropy of ``s U Y^T`` against ``Gamma`` (0 when
+    ``options.caption`` is False) and the keyword partial-label loss (0 without keywords).
     """
 
     @staticmethod
@@ -126,7 +128,8 @@ class SCLIPCore(torch.autograd.Function):
             image, text, unpaired, keywords, scale, scaled_text, log_p_img, log_p_txt, sim,
             gamma, gamma64, gamma_sum, *kw_saved,
         )  # fmt: skip
-        return (t2i + i2t) / 2, cap, kw
+        w_con, w_cap, w_kw = options.weights
+        return (t2i + i2t) * (w_con / 2), cap * w_cap, kw * w_kw
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -143,8 +146,9 @@ class SCLIPCore(torch.autograd.Function):
         n = n_p + n_u
         caption = options.caption
         plan_grad = caption and options.plan_grad
-        c_con = g_con / (2 * n_p)  # each CE is a mean over B_p, the loss their average
-        c_cap = g_cap / n_u
+        w_con, w_cap, w_kw = options.weights
+        c_con = g_con * (w_con / (2 * n_p))  # each CE is a mean over B_p, the loss their average
+        c_cap = g_cap * (w_cap / n_u)
         if plan_grad:  # d loss / d Gamma = -log softmax(L_u) / B_u, float64 for the Sinkhorn
             d_gamma = log_p_img[n_p:].to(torch.float64).mul_(-c_cap.double())
         # dL^T = row softmax * its weight + column softmax * c_con - the targets
@@ -179,7 +183,7 @@ class SCLIPCore(torch.autograd.Function):
             d_unpaired.addmm_(d_sim, image)
         d_keywords = None
         if kw_saved:  # keyword logits s U K^T
-            d_kw_sim, d_kw_scale = keyword_loss_backward(g_kw, scale, tuple(kw_saved))
+            d_kw_sim, d_kw_scale = keyword_loss_backward(g_kw * w_kw, scale, tuple(kw_saved))
             d_scale = d_scale + d_kw_scale
             d_unpaired.addmm_(d_kw_sim, keywords)
             d_keywords = d_kw_sim.T @ unpaired

@@ -190,7 +190,6 @@ class SCLIPLoss(nn.Module):
                 unpaired = distributed.gather_with_grad(unpaired)
             if candidates is not None:
                 candidates = distributed.gather_no_grad(candidates)
-        zero = scale * 0.0
         has_unpaired = unpaired is not None and unpaired.shape[0] > 0
         uses_unpaired = has_unpaired and (
             self.unpaired_negatives or self.caption_weight > 0 or self.keyword_weight > 0
@@ -203,7 +202,6 @@ class SCLIPLoss(nn.Module):
             and candidates is not None
             and keywords.shape[0] > 0
         )
-        out = {"contrastive_loss": zero, "caption_loss": zero, "keyword_loss": zero}
         if needs_plan and self._fused_plan():
             assert unpaired is not None
             # the main configuration: one autograd node (losses/core.py), same numbers
@@ -216,17 +214,21 @@ class SCLIPLoss(nn.Module):
                 scale,
                 self._core_options(),
             )
-            if use_keywords:
-                out["keyword_loss"] = self.keyword_weight * keyword
-        else:
-            contrastive, caption, plan = self._composed(
-                image, text, scale, unpaired if uses_unpaired else None, needs_plan
+            return {
+                "contrastive_loss": contrastive,
+                "caption_loss": caption,
+                "keyword_loss": keyword,
+            }
+        zero = scale * 0.0
+        out = {"contrastive_loss": zero, "caption_loss": zero, "keyword_loss": zero}
+        contrastive, caption, plan = self._composed(
+            image, text, scale, unpaired if uses_unpaired else None, needs_plan
+        )
+        if needs_plan and use_keywords:
+            assert unpaired is not None and keywords is not None and candidates is not None
+            out["keyword_loss"] = self.keyword_weight * self.keyword(
+                unpaired, keywords, candidates.bool(), plan, scale
             )
-            if needs_plan and use_keywords:
-                assert unpaired is not None and keywords is not None and candidates is not None
-                out["keyword_loss"] = self.keyword_weight * self.keyword(
-                    unpaired, keywords, candidates.bool(), plan, scale
-                )
         out["contrastive_loss"] = self.contrastive_weight * contrastive
         if caption_on:
             out["caption_loss"] = self.caption_weight * caption
@@ -243,6 +245,7 @@ class SCLIPLoss(nn.Module):
             plan_grad=not caption.detach_plan,
             keyword_weighting=self.keyword.weighting,
             keyword_empty_rows_in_mean=self.keyword.empty_rows_in_mean,
+            weights=(self.contrastive_weight, self.caption_weight, self.keyword_weight),
         )
 
     def _fused_plan(self) -> bool:
