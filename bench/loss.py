@@ -2,9 +2,9 @@
 
 For B_p = B_u in {32, 128, 512, 1024}, D = 512, K = 45 it times
   - open_clip's ClipLoss on the paired batch (what plain CLIP pays),
-  - SCLIPLoss recommended (log-domain OT, gradients through the plan, softmax keyword
-    weights),
-  - SCLIPLoss released (POT-order Sinkhorn in float64, gradients through the plan),
+  - SCLIPLoss recommended (POT-order Sinkhorn in float64, gradients through the plan,
+    softmax keyword weights),
+  - SCLIPLoss released (the same with the release's linear keyword weights),
   - the matrix-product floor: only the nine (B x B x D) products any S-CLIP implementation
     with gradients through the plan needs (the caption logits [X; U] (s Y)^T and the OT
     similarity U X^T, forward, and their four + two backward products), no autograd,

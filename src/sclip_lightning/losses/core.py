@@ -52,7 +52,7 @@ class CoreOptions:
 
 
 class SCLIPCore(torch.autograd.Function):
-    """Contrastive + caption-level OT + keyword losses, unweighted.
+    """Contrastive + caption-level OT + keyword losses, times ``options.weights``.
 
     ``apply(image, text, unpaired, keywords, candidates, scale, options)``:
 
