@@ -169,6 +169,13 @@ def _logsumexp_owned(x: torch.Tensor) -> torch.Tensor:
 FAST_BACKWARD_MAX_SPREAD = 700.0
 
 
+def fast_backward_applies(reg: torch.Tensor | float | None) -> bool:
+    """Whether the low-rank float64 backward is exact for this regularisation: a tensor
+    ``reg = 1/s`` or None (= 1/s; CLIP clamps s at 100), or a fixed float with
+    ``2 / reg <= FAST_BACKWARD_MAX_SPREAD`` (cosine costs span at most 2)."""
+    return reg is None or isinstance(reg, torch.Tensor) or 2.0 / reg <= FAST_BACKWARD_MAX_SPREAD
+
+
 def sinkhorn_forward(
     cost: torch.Tensor,
     reg: torch.Tensor | float,
@@ -291,7 +298,7 @@ class SinkhornAssign(torch.autograd.Function):
     (n, m) matrix per iteration: every matrix the unrolled backward touches is
     ``exp(L + x_t (+) y_t)`` with ``L = -C/reg`` and potentials ``x_t, y_t`` saved in the
     forward (vectors), i.e. ``Gamma`` rescaled by ``diag(exp(x_t - x_T))`` and
-    ``diag(exp(y_t - y_T))``. The backward therefore runs 2T matrix-vector products with
+    ``diag(exp(y_t - y_T))``. The backward therefore runs 2T - 1 matrix-vector products with
     ``Gamma`` and one rank-2T update ``dL = Gamma * (g - A B^T)`` in float64, instead
     of back-propagating 2T exp/log-sum-exp passes.
 
@@ -358,8 +365,7 @@ def ot_assign(
         raise ValueError(f"solver must be one of {SINKHORN_SOLVERS}, got {solver!r}")
     dtype = torch.promote_types(query.dtype, torch.float32)
     cost = 1.0 - (query.to(dtype) @ support.to(dtype).T)  # the release: float32 cost
-    fast = isinstance(reg, torch.Tensor) or 2.0 / reg <= FAST_BACKWARD_MAX_SPREAD
-    if fast and cost.numel() > 0:
+    if fast_backward_applies(reg) and cost.numel() > 0:
         reg_ = reg.to(dtype) if isinstance(reg, torch.Tensor) else float(reg)
         gamma = SinkhornAssign.apply(cost, reg_, num_iters, solver)
     elif solver == "pot":

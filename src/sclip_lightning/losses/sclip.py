@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sclip_lightning import distributed
 from sclip_lightning.losses.caption_ot import CaptionOTLoss
 from sclip_lightning.losses.core import CoreOptions, SCLIPCore
-from sclip_lightning.losses.functional import FAST_BACKWARD_MAX_SPREAD, ColumnCrossEntropy
+from sclip_lightning.losses.functional import ColumnCrossEntropy, fast_backward_applies
 from sclip_lightning.losses.keyword_pll import KeywordPLLLoss
 
 
@@ -251,11 +251,10 @@ class SCLIPLoss(nn.Module):
     def _fused_plan(self) -> bool:
         """Whether :class:`SCLIPCore` covers this configuration (OT over paired images)."""
         caption = self.caption
-        reg = caption.sinkhorn_reg
         return (
             caption.assigner == "ot"
             and caption.support == "image"
-            and (reg is None or 2.0 / reg <= FAST_BACKWARD_MAX_SPREAD)
+            and fast_backward_applies(caption.sinkhorn_reg)
         )
 
     def _composed(
