@@ -13,7 +13,12 @@ For B_p = B_u in {32, 128, 512, 1024}, D = 512, K = 45 it times
 and prints medians and the ratios. The variants run interleaved (one call of each per
 round, in a shuffled order, --reps rounds), so a slow patch of the machine hits all of them
 alike.
-Usage: python bench/loss.py [--sizes 32 128] [--reps 15]
+With --breakdown B it instead times, at that one size, what each part of the default
+objective costs, by switching it off through the public options (keyword term, gradients
+through the plan, both), next to ClipLoss, the loop form and the product floors (nine
+products with gradients through the plan, seven without), and prints the time budget the
+two targets leave (2x ClipLoss, loop / 5).
+Usage: python bench/loss.py [--sizes 32 128] [--reps 15] [--breakdown 512]
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ def interleaved(fns: dict, reps: int, seed: int = 0) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def gemm_floor(x, y, u, s):
-    """The nine products of the objective (forward 3, backward 6), without autograd."""
+def gemm_floor(x, y, u, s, plan_grad: bool = True):
+    """The nine products of the objective (forward 3, backward 6), without autograd; seven
+    (no cost gradients) with ``plan_grad=False``."""
     x, y, u, s = (t.detach() for t in (x, y, u, s))
     b = x.shape[0]
 
@@ -76,8 +82,9 @@ def gemm_floor(x, y, u, s):
         d_u = logits[b:] @ st
         d_st = logits[:b].T @ x
         d_st.addmm_(logits[b:].T, u)
-        d_x.addmm_(sim.T, u)
-        d_u.addmm_(sim, x)
+        if plan_grad:
+            d_x.addmm_(sim.T, u)
+            d_u.addmm_(sim, x)
 
     return run
 
@@ -89,8 +96,11 @@ def main(argv=None):
     p.add_argument("--keywords", type=int, default=45)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--max-loop-b", type=int, default=1024)
+    p.add_argument("--breakdown", type=int, metavar="B", help="per-part costs at this B instead")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.breakdown:
+        return breakdown(args.breakdown, args.dim, args.keywords, args.reps)
     from open_clip import ClipLoss
 
     clip = ClipLoss()
@@ -131,6 +141,68 @@ def main(argv=None):
             f"{t_rec / t_clip:>9.2f} {t_rel / t_clip:>9.2f} "
             f"{t_loop / t_rec:>9.1f} {t_loop / t_rel:>9.1f}",
             flush=True,
+        )
+
+
+def breakdown(b: int, dim: int, n_keywords: int, reps: int) -> None:
+    """What each part of the default objective costs at one size (see the module doc)."""
+    from open_clip import ClipLoss
+
+    x, y, u, k, cand, s = inputs(b, dim, n_keywords)
+    clip = ClipLoss()
+    variants = {
+        "default": SCLIPLoss(),
+        "no keyword term": SCLIPLoss(keyword_weight=0.0),
+        "plan detached": SCLIPLoss(detach_plan=True),
+        "neither": SCLIPLoss(keyword_weight=0.0, detach_plan=True),
+    }
+
+    def run(loss):
+        def f():
+            sum(loss(x, y, s, u, k, cand).values()).backward()
+
+        return f
+
+    def run_clip():
+        clip(x, y, s).backward()
+
+    def run_loop():
+        sum(release_loss(x, y, s, u, k, cand).values()).backward()
+
+    fns = {name: run(loss) for name, loss in variants.items()}
+    fns.update(
+        {
+            "ClipLoss": run_clip,
+            "loop form": run_loop,
+            "floor, 9 products": gemm_floor(x, y, u, s),
+            "floor, 7 products": gemm_floor(x, y, u, s, plan_grad=False),
+        }
+    )
+    t = {name: 1e3 * v for name, v in interleaved(fns, reps).items()}
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, B_p = B_u = {b}, "
+        f"D={dim}, K={n_keywords}, forward+backward, median of {reps} interleaved rounds"
+    )
+    for name, ms in t.items():
+        print(f"{name:>20} {ms:8.2f} ms  {ms / t['ClipLoss']:5.2f}x ClipLoss")
+    parts = {
+        "keyword term": t["default"] - t["no keyword term"],
+        "gradients through the plan": t["default"] - t["plan detached"],
+        "  of which 2 products": t["floor, 9 products"] - t["floor, 7 products"],
+        "all but the 9 products": t["default"] - t["floor, 9 products"],
+        "  without keywords/plan grad": t["neither"] - t["floor, 7 products"],
+    }
+    print("\ncost of each part (differences of the medians above):")
+    for name, ms in parts.items():
+        print(f"{name:>30} {ms:8.2f} ms")
+    budget = {"2x ClipLoss": 2 * t["ClipLoss"], "loop form / 5": t["loop form"] / 5}
+    print("\ntargets (default objective):")
+    for name, ms in budget.items():
+        left = ms - t["floor, 9 products"]
+        print(
+            f"{name:>20} {ms:8.2f} ms: {left:5.2f} ms beside the 9 products "
+            f"(used: {t['default'] - t['floor, 9 products']:.2f} ms); "
+            f"{'met' if t['default'] <= ms else 'not met'}"
         )
 
 
