@@ -144,6 +144,22 @@ def main(argv=None):
         )
 
 
+def count_ops(fn) -> int:
+    """ATen operator calls (views included) that one call of ``fn`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def breakdown(b: int, dim: int, n_keywords: int, reps: int) -> None:
     """What each part of the default objective costs at one size (see the module doc)."""
     from open_clip import ClipLoss
@@ -184,7 +200,8 @@ def breakdown(b: int, dim: int, n_keywords: int, reps: int) -> None:
         f"D={dim}, K={n_keywords}, forward+backward, median of {reps} interleaved rounds"
     )
     for name, ms in t.items():
-        print(f"{name:>20} {ms:8.2f} ms  {ms / t['ClipLoss']:5.2f}x ClipLoss")
+        n_ops = f"{count_ops(fns[name]):5d} operator calls" if "floor" not in name else ""
+        print(f"{name:>20} {ms:8.2f} ms  {ms / t['ClipLoss']:5.2f}x ClipLoss  {n_ops}")
     parts = {
         "keyword term": t["default"] - t["no keyword term"],
         "gradients through the plan": t["default"] - t["plan detached"],
