@@ -149,8 +149,12 @@ class SCLIPCore(torch.autograd.Function):
         w_con, w_cap, w_kw = options.weights
         c_con = g_con * (w_con / (2 * n_p))  # each CE is a mean over B_p, the loss their average
         c_cap = g_cap * (w_cap / n_u)
-        if plan_grad:  # d loss / d Gamma = -log softmax(L_u) / B_u, float64 for the Sinkhorn
-            d_gamma = log_p_img[n_p:].to(torch.float64).mul_(-c_cap.double())
+        if plan_grad:
+            # d loss / d Gamma = -log softmax(L_u) / B_u, float64 for the Sinkhorn, times
+            # 1 / reg: the Sinkhorn backward is linear, so it returns d sim = dL_ot / reg
+            # directly (L_ot = (sim - 1) / reg)
+            reg = (1.0 / scale).double() if options.reg is None else options.reg
+            d_gamma = log_p_img[n_p:].to(torch.float64).mul_(-c_cap.double() / reg)
         # dL^T = row softmax * its weight + column softmax * c_con - the targets
         row_coef = c_con.expand(n_c).clone()
         if caption:
@@ -171,12 +175,10 @@ class SCLIPCore(torch.autograd.Function):
         d_text = d_scaled_text.mul_(scale)
         if plan_grad:
             # caption loss -> Gamma -> (unrolled Sinkhorn) -> L_ot = -cost / reg, in float64
-            reg = (1.0 / scale).double() if options.reg is None else options.reg
             cost = None if gamma64 is not None else torch.sub(1.0, sim)  # "log" rebuilds Gamma
             lus, lvs = ctx.potentials
-            d_log_kernel = sinkhorn_backward(cost, reg, gamma64, lus, lvs, d_gamma, grad_owned=True)
-            # L_ot = (sim - 1) / reg: d sim = dL_ot / reg (float32, in the plan's buffer)
-            d_sim = gamma.copy_(d_log_kernel.mul_(1.0 / reg))
+            d_sim64 = sinkhorn_backward(cost, reg, gamma64, lus, lvs, d_gamma, grad_owned=True)
+            d_sim = gamma.copy_(d_sim64)  # float32, in the plan's buffer
             if options.reg is None:  # L_ot = (sim - 1) s: ds += sum(dL_ot * (sim - 1))
                 d_scale = d_scale + (torch.dot(d_sim.view(-1), sim.view(-1)) - d_sim.sum()) / scale
             d_image.addmm_(d_sim.T, unpaired)

@@ -207,8 +207,9 @@ def sinkhorn_forward(
         for t in range(num_iters):
             torch.div(1.0 / m, torch.mv(kernel_t, u_rows[t], out=col), out=v_rows[t])
             torch.div(1.0 / n, torch.mv(kernel, v_rows[t], out=row), out=u_rows[t + 1])
-        # u_T = a / (K v_T), so u_T K v_T / a is the plan with rows renormalised
-        gamma64 = kernel.mul_(lvs[-1]).mul_((lus[-1] * n).unsqueeze(-1))
+        # the plan with rows renormalised: K_ij v_j / (K v_T)_i (= u_T K v_T / a); `row`
+        # still holds K v_T
+        gamma64 = kernel.mul_(v_rows[-1]).mul_(row.reciprocal_().unsqueeze(-1))
         lus.log_()
         lvs.log_()
         gamma = cost.copy_(gamma64) if overwrite_cost else gamma64.to(cost.dtype)
@@ -256,36 +257,38 @@ def sinkhorn_backward(
     gamma = gamma64
     owned = grad_owned and grad_gamma.dtype == torch.float64
     g = grad_gamma if owned else grad_gamma.to(torch.float64, copy=True)
-    gg = gamma * g
-    row_dot = gg.sum(dim=-1)  # softmax backward: dZ = Gamma * (g - row_dot)
-    d_lv = gg.sum(dim=0).sub_(gamma.T @ row_dot)  # Gamma depends on v_T (u_T cancels)
-    del gg
     # Walking the iterations backwards, each step adds one rank-1 term to
     # dL = Gamma * (g - sum_k left_k right_k^T) and costs one matrix-vector product:
     #   v-step t (v_{t+1} = b / (K^T u_t)):     left = e^{x_t - x_T},  right = w2_t
     #   u-step t (u_{t+1} = a / (K v_{t+1})):   left = w1_t,           right = e^{y_t - y_T}
     # with w2_{T-1} = (a/b) dv_T, w1_t = -e^{2(x_{t+1} - x_T)} (Gamma w2_{t+1}) and
     # w2_t = -(a/b) e^{2(y_t - y_T)} (Gamma^T w1_t) (the exp factors of the unrolled chain).
-    ex = (lus - lus[-1]).exp_()  # (T+1, n): exp(x_t - x_T)
-    ey = (lvs - lvs[-1]).exp_()  # (T, m): exp(y_t - y_T), ey[T-1] = 1
-    neg_ex2 = ex.square().neg_()
-    neg_ey2 = ey.square().mul_(-a / b)
+    # Rows of `left` / `right`: 0 the softmax's own term (row_dot, 1); 1 + t the v-steps;
+    # T + 1 + t the u-steps (the order of a sum of rank-1 terms is free). Every factor is
+    # written straight into its row: few operator calls, each costs more than its work here.
     left = gamma.new_empty(2 * num_iters, n)
     right = gamma.new_empty(2 * num_iters, m)
-    left[0], right[0] = row_dot, 1.0  # the softmax's own term: Gamma * (g - row_dot)
-    left[1::2] = ex[:num_iters].flip(0)
-    right[2::2] = ey[: num_iters - 1].flip(0)
-    torch.mul(d_lv, a / b, out=right[1])
     left_rows, right_rows = left.unbind(0), right.unbind(0)
+    gg = gamma * g
+    row_dot = torch.sum(gg, dim=-1, out=left_rows[0])  # softmax backward: Gamma * (g - row_dot)
+    right_rows[0].fill_(1.0)
+    # w2_{T-1} = (a/b) dv_T, dv_T = colsum(Gamma * g) - Gamma^T row_dot (u_T cancels)
+    torch.addmv(
+        gg.sum(dim=0), gamma.T, row_dot, beta=a / b, alpha=-a / b, out=right_rows[num_iters]
+    )
+    del gg
+    ex = torch.sub(lus[:num_iters], lus[-1], out=left[1 : num_iters + 1]).exp_()  # e^{x_t - x_T}
+    ey = torch.sub(lvs[:-1], lvs[-1], out=right[num_iters + 1 :]).exp_()  # e^{y_t - y_T}, t < T-1
+    neg_ex2 = ex[1:].square().neg_()  # row t: -e^{2(x_{t+1} - x_T)}
+    neg_ey2 = ey.square().mul_(-a / b)  # row t: -(a/b) e^{2(y_t - y_T)}
     ex2_rows, ey2_rows = neg_ex2.unbind(0), neg_ey2.unbind(0)
     gamma_t = gamma.T
     col = gamma.new_empty(n)
     row = gamma.new_empty(m)
-    k = 2
     for t in range(num_iters - 2, -1, -1):
-        torch.mul(torch.mv(gamma, right_rows[k - 1], out=col), ex2_rows[t + 1], out=left_rows[k])
-        torch.mul(torch.mv(gamma_t, left_rows[k], out=row), ey2_rows[t], out=right_rows[k + 1])
-        k += 2
+        w1 = left_rows[num_iters + 1 + t]
+        torch.mul(torch.mv(gamma, right_rows[t + 2], out=col), ex2_rows[t], out=w1)
+        torch.mul(torch.mv(gamma_t, w1, out=row), ey2_rows[t], out=right_rows[t + 1])
     return g.addmm_(left.T, right, alpha=-1.0).mul_(gamma)  # in g's buffer: no new pages
 
 

@@ -39,11 +39,12 @@ def keyword_targets(
     if logits is None:
         logits = (unpaired_features @ keyword_features.T) * logit_scale
     sim = logits.detach()
-    mask = candidates.to(sim.dtype)
     if weighting == "softmax":
-        # one candidate -> exactly one-hot; none -> uniform softmax times an all-zero mask
-        filled = sim.masked_fill(~candidates, torch.finfo(sim.dtype).min)
-        return torch.softmax(filled, dim=-1).mul_(mask)
+        # one candidate -> exactly one-hot; none -> a uniform softmax, then zeroed
+        outside = ~candidates
+        filled = sim.masked_fill(outside, torch.finfo(sim.dtype).min)
+        return torch.softmax(filled, dim=-1).masked_fill_(outside, 0.0)
+    mask = candidates.to(sim.dtype)
     count = mask.sum(dim=-1, keepdim=True)
     masked = sim * mask
     weights = masked / masked.sum(dim=-1, keepdim=True)
