@@ -56,31 +56,32 @@ class ColumnCrossEntropy(torch.autograd.Function):
         n_u = 0 if gamma is None else gamma.shape[0]
         if logits.shape[1] != n_p + n_u:
             raise ValueError(f"logits must have {n_p} + {n_u} columns, got {logits.shape[1]}")
-        cols = logits
-        top = cols.amax(dim=0)
-        expd = torch.sub(cols, top).exp_()
+        top = logits.amax(dim=0)
+        expd = torch.sub(logits, top).exp_()
         colsum = expd.sum(dim=0)
         lse = colsum.log() + top
-        i2t = (lse[:n_p] - cols[:, :n_p].diagonal()).mean()
+        i2t = (lse[:n_p] - logits[:, :n_p].diagonal()).mean()
         cap = logits.new_zeros(())
+        gamma_sum = None
         if gamma is not None:
-            block = cols[:, n_p:]  # (B_p, B_u): caption logits, transposed
-            cap = (lse[n_p:] * gamma.sum(dim=1) - (gamma.T * block).sum(dim=0)).mean()
+            block = logits[:, n_p:]  # (B_p, B_u): caption logits, transposed
+            gamma_sum = gamma.sum(dim=1)  # the target mass of each unpaired image
+            cap = (lse[n_p:] * gamma_sum - (gamma.T * block).sum(dim=0)).mean()
         ctx.n_p = n_p
-        ctx.save_for_backward(cols, gamma, expd, colsum, lse)
+        ctx.save_for_backward(logits, gamma, gamma_sum, expd, colsum, lse)
         return i2t, cap
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_i2t, g_cap):  # type: ignore[override]
-        cols, gamma, expd, colsum, lse = ctx.saved_tensors
+        cols, gamma, gamma_sum, expd, colsum, lse = ctx.saved_tensors
         n_p = ctx.n_p
         coef = torch.empty_like(colsum)
         coef[:n_p] = g_i2t / n_p
         d_gamma = None
         if gamma is not None:
             n_u = gamma.shape[0]
-            coef[n_p:] = gamma.sum(dim=1) * (g_cap / n_u)
+            coef[n_p:] = gamma_sum * (g_cap / n_u)
         d_cols = expd.mul_(coef / colsum)  # softmax down each column, times its weight
         d_cols[:, :n_p].diagonal().sub_(g_i2t / n_p)
         if gamma is not None:
