@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -82,7 +84,10 @@ with torch.no_grad():
     unp = module.encode_images(unpaired["image"])
     kw = module.encode_keywords()
     s = module.logit_scale()
-    plans = {name: assign(unp, img, txt, s, assigner=name) for name in ("ot", "soft_nn", "hard_nn")}
+    plans = {
+        name: assign(unp, img, txt, s, assigner=name)
+        for name in ("ot", "unbalanced_ot", "soft_nn", "hard_nn")
+    }
 captions = [data.train_base.captions[i][0] for i in paired["index"].tolist()]
 
 # %% [markdown]
@@ -145,7 +150,7 @@ plt.show()
 # %%
 nearest = plans["ot"].argmax(dim=-1)
 cands = paired["keywords"][nearest].bool()
-targets = keyword_targets(unp, kw, cands, s, module.criterion.keyword.weighting)
+targets = keyword_targets(unp, kw, cands, s, module.criterion.keyword.keyword_weighting)
 rows = []
 for j in range(6):
     ks = cands[j].nonzero().squeeze(1).tolist()

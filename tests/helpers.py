@@ -6,6 +6,8 @@ from typing import Any
 
 import lightning as L
 
+from sclip_lightning.losses import Assigner
+
 
 def quiet_cpu_trainer(**overrides: Any) -> L.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar, summary or validation."""
@@ -51,3 +53,16 @@ class DumpBatches(L.Callback):
                 f"{batch['unpaired']['index'].tolist()[:4]} {float(batch['paired']['image'].sum()):.6f} "
                 f"{int(torch.get_rng_state().sum())}\n"
             )
+
+
+class FixedPlan(Assigner):
+    """Test assigner: the same plan whatever the features (selectable by import path)."""
+
+    def __init__(self, plan: list[list[float]]) -> None:
+        super().__init__()
+        self.fixed = plan
+
+    def forward(self, unpaired, support_image, support_text, logit_scale, support_mask=None):
+        import torch
+
+        return torch.tensor(self.fixed, dtype=unpaired.dtype, device=unpaired.device)

@@ -169,15 +169,40 @@ def test_chunked_retrieval_recall_matches_naive(max_elements):
     assert a.shape == (13,) and b.shape == owner.shape
 
 
-def test_pseudo_label_accuracy_metric():
-    m = make_module(assigner="hard_nn")
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(6, 64, generator=g), dim=-1)
-    perm = torch.tensor([3, 1, 0, 5, 4, 2])
-    m._last_features = (x, x, x[perm])
-    labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    assert float(m.pseudo_label_accuracy(labels, labels[perm])) == 1.0
-    assert float(m.pseudo_label_accuracy(labels, labels)) == pytest.approx(2 / 6)
+PLAN = [[0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.25, 0.75], [0, 0, 0, 1.0]]
+
+
+class PlanHook(SCLIPModule):
+    """A subclass that plugs its assigner in through the hook."""
+
+    def configure_assigner(self):
+        from helpers import FixedPlan
+
+        return FixedPlan(PLAN)
+
+
+@pytest.mark.parametrize("how", ["import_path", "hook"])
+@pytest.mark.parametrize("objective", ["recommended", "released"])
+def test_custom_assigner_drives_training_and_the_pseudo_label_metric(how, objective):
+    """The assigner chosen by import path or by the hook is the plan the loss trains on (hand
+    computed) and the plan ``train/pseudo_label_acc`` scores, in every preset."""
+    kw = dict(objective=objective, caption_weight=1.0, keyword_weight=0.0, keyword_vocabulary=[])
+    if how == "hook":
+        m = PlanHook(model_name="sclip-tiny", **kw)
+        m.setup("fit")
+    else:
+        m = make_module(assigner="helpers.FixedPlan", assigner_kwargs={"plan": PLAN}, **kw)
+    batch = fixed_batch(m, bp=4, bu=4)
+    batch["paired"]["label"] = torch.tensor([0, 1, 2, 3])
+    unpaired_labels = torch.tensor([1, 0, 2, 0])  # argmax of PLAN rows: 1, 0, 3, 3
+    terms = m.compute_losses(batch)
+    with torch.no_grad():
+        u = m.encode_images(batch["unpaired"]["image"])
+        y = m.encode_texts(batch["paired"]["text"])
+        log_p = torch.log_softmax(m.logit_scale() * u @ y.T, dim=-1)
+        expected = -(torch.tensor(PLAN) * log_p).sum(-1).mean()
+    torch.testing.assert_close(terms["caption_loss"].detach(), expected, atol=1e-5, rtol=1e-5)
+    assert float(m.pseudo_label_accuracy(unpaired_labels)) == pytest.approx(2 / 4)
 
 
 def test_hidden_labels_are_logged_during_training(synthetic_root):

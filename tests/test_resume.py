@@ -85,14 +85,31 @@ def _val_rows(out: Path) -> list[dict[str, str]]:
     return rows
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synthetic_root, tmp_path):
+def _same(a, b, where: str) -> None:
+    """Bit-identical tensors, or nested dicts of them (the support bank's extra state)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where} differs after resume"
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs after resume"
+    else:
+        assert a == b, f"{where} differs after resume: {a} != {b}"
+
+
+@pytest.mark.parametrize("bank", [0, -1], ids=["no_bank", "bank_all_pairs"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synthetic_root, tmp_path, bank):
+    """With the support bank on, the bank is part of the checkpoint: the resumed run's bank,
+    weights and metrics equal the uninterrupted run's bit for bit."""
+    extra = (f"--model.init_args.support_bank_size={bank}",)
     full = tmp_path / "full"
-    _fit(full)
+    _fit(full, *extra)
 
     killed = tmp_path / "killed"
     marker = tmp_path / "stalled"
     proc = _fit(
         killed,
+        *extra,
         "--trainer.callbacks+=helpers.StallAfterStep",
         "--trainer.callbacks.step=10",  # epoch 2 of 3, 3 of its 7 batches done
         f"--trainer.callbacks.marker={marker}",
@@ -114,11 +131,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synthetic_root, tmp_
         {"epoch": 1, "consumed_batches": 2},
     ]
 
-    _fit(killed, f"--ckpt_path={last}")
+    _fit(killed, *extra, f"--ckpt_path={last}")
     a, b = _weights(full / "ckpt" / "last.ckpt"), _weights(last)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    _same(a, b, "state_dict")
+    if bank:
+        state = a["criterion.bank._extra_state"]["state"]
+        assert (state["ids"] >= 0).all()  # 3 epochs over 60 pairs: every slot filled
     full_rows, resumed_rows = _val_rows(full), _val_rows(killed)
     assert len(full_rows) == 3
     final = {k: v for k, v in full_rows[-1].items() if k.startswith("val/")}

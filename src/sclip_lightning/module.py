@@ -12,11 +12,13 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from sclip_lightning import distributed
-from sclip_lightning.losses import PRESETS, SCLIPLoss
+from sclip_lightning.losses import OBJECTIVE_OPTIONS, PRESETS, SCLIPLoss, build_assigner
+from sclip_lightning.losses.assigners import SHARED_OPTIONS, accepted_options, assigner_class
+from sclip_lightning.losses.sclip import preset_options
 from sclip_lightning.metrics import retrieval_recall
 from sclip_lightning.models import build_model, build_tokenizer, register_model_configs
 from sclip_lightning.results import markdown_table, write_results
@@ -43,8 +45,14 @@ class SCLIPModule(L.LightningModule):
         objective: loss preset, ``"recommended"`` or ``"released"`` (the authors' release).
         contrastive_weight, caption_weight, keyword_weight, assigner, assigner_support,
             sinkhorn_iters, sinkhorn_reg, sinkhorn_solver, detach_plan, keyword_weighting,
-            keyword_empty_rows_in_mean, unpaired_negatives: override single options of the
-            preset (None keeps the preset's value; see :class:`SCLIPLoss`).
+            keyword_empty_rows_in_mean, unpaired_negatives, support_bank_size: override single
+            options of the preset (None keeps the preset's value; see :class:`SCLIPLoss`).
+            ``assigner`` is a built-in name (``ot``, ``unbalanced_ot``, ``soft_nn``,
+            ``hard_nn``) or the import path of an ``Assigner`` subclass.
+            ``support_bank_size``: -1 keeps one slot per paired training image (the OT support
+            then covers all pairs: use it on one GPU with a small per-GPU batch), N > 0 the
+            last N pairs, 0 off (the release).
+        assigner_kwargs: extra constructor arguments of the assigner (``{"reg_m": 0.1}``).
         gather_distributed: compute the objective over the global batch under DDP.
         keyword_vocabulary: keyword texts; None takes the DataModule's ``keyword_list``.
         keyword_template: text encoded for each keyword (``{}`` = keyword).
@@ -106,6 +114,8 @@ class SCLIPModule(L.LightningModule):
         keyword_weighting: str | None = None,
         keyword_empty_rows_in_mean: bool | None = None,
         unpaired_negatives: bool | None = None,
+        support_bank_size: int | None = None,
+        assigner_kwargs: dict[str, Any] | None = None,
         gather_distributed: bool = True,
         keyword_vocabulary: list[str] | None = None,
         keyword_template: str = "{}",
@@ -181,26 +191,44 @@ class SCLIPModule(L.LightningModule):
     def loss_options(self) -> dict[str, Any]:
         """The :class:`SCLIPLoss` options: the preset with this module's overrides."""
         hp: Any = self.hparams
-        opts = dict(PRESETS[hp.objective].options)
-        for name in opts:
-            if hp.get(name) is not None:
-                opts[name] = hp[name]
+        opts = preset_options(hp.objective, {k: hp.get(k) for k in OBJECTIVE_OPTIONS})
         if hp.method == "clip":
-            opts.update(caption_weight=0.0, keyword_weight=0.0, unpaired_negatives=False)
+            opts.update(
+                caption_weight=0.0,
+                keyword_weight=0.0,
+                unpaired_negatives=False,
+                support_bank_size=0,
+            )
+        opts["assigner_kwargs"] = hp.assigner_kwargs
         opts["gather_distributed"] = hp.gather_distributed
         return opts
 
+    def configure_assigner(self) -> torch.nn.Module:
+        """The pseudo-label assigner training uses (override to plug in your own).
+
+        Default: ``assigner`` (a name or an import path) built with this module's Sinkhorn,
+        support and detach options and ``assigner_kwargs``.
+        """
+        opts = self.loss_options()
+        shared = {k: opts[k] for k in SHARED_OPTIONS}
+        cls = assigner_class(opts["assigner"])
+        unused = sorted(
+            k
+            for k in SHARED_OPTIONS
+            if self._hp.get(k) is not None and k not in accepted_options(cls, shared)
+        )
+        if unused:
+            rank_zero_warn(f"assigner {cls.__name__} does not use {unused}: they have no effect")
+        return build_assigner(cls, {**shared, **(opts["assigner_kwargs"] or {})})
+
     def configure_losses(self) -> None:
-        """Build ``self.criterion``."""
-        self.criterion = SCLIPLoss(**self.loss_options())
+        """Build ``self.criterion`` around :meth:`configure_assigner`'s assigner."""
+        self.criterion = SCLIPLoss(**{**self.loss_options(), "assigner": self.configure_assigner()})
 
     @property
     def uses_unpaired(self) -> bool:
         """Whether training consumes unpaired images (False for the CLIP baseline)."""
-        c = self.criterion
-        return self._hp.method == "sclip" and (
-            c.caption_weight > 0 or c.keyword_weight > 0 or c.unpaired_negatives
-        )
+        return self._hp.method == "sclip" and self.criterion.uses_unpaired
 
     @property
     def uses_keywords(self) -> bool:
@@ -295,7 +323,6 @@ class SCLIPModule(L.LightningModule):
                     f"has {keyword_feats.shape[0]} keywords: use the same vocabulary in the "
                     "DataModule and the module (or leave module keywords unset)"
                 )
-        self._last_features = (image_feats, text_feats, unpaired_feats)
         return self.criterion(
             image_feats,
             text_feats,
@@ -303,6 +330,8 @@ class SCLIPModule(L.LightningModule):
             unpaired_features=unpaired_feats,
             keyword_features=keyword_feats,
             keyword_candidates=candidates,
+            paired_ids=paired.get("pair_index"),
+            paired_labels=paired.get("label"),
         )
 
     # -------------------------------------------------------------- lifecycle
@@ -316,6 +345,11 @@ class SCLIPModule(L.LightningModule):
         tokens = self.tokenizer(words) if words else torch.zeros(0, 1, dtype=torch.long)
         self.register_buffer("keyword_tokens", tokens.to(self.device), persistent=False)
         self._keyword_length = self._short_keyword_length(tokens)
+        bank = getattr(self.criterion, "bank", None)
+        if bank is not None and bank.size == -1 and bank.capacity is None and dm is not None:
+            n_paired = getattr(dm, "num_paired", None)
+            if n_paired:
+                bank.set_capacity(int(n_paired))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
@@ -331,33 +365,30 @@ class SCLIPModule(L.LightningModule):
         self.log("train/logit_scale", self.logit_scale().detach(), prog_bar=True, batch_size=bs)
         unpaired = batch.get("unpaired")
         if unpaired is not None and "label" in unpaired and self.uses_unpaired:
-            self.log(
-                "train/pseudo_label_acc",
-                self.pseudo_label_accuracy(batch["paired"]["label"], unpaired["label"]),
-                batch_size=unpaired["label"].shape[0],
-                on_epoch=True,
-            )
+            acc = self.pseudo_label_accuracy(unpaired["label"])
+            if acc is not None:
+                self.log(
+                    "train/pseudo_label_acc",
+                    acc,
+                    batch_size=unpaired["label"].shape[0],
+                    on_epoch=True,
+                )
         return total  # type: ignore[return-value]
 
     @torch.no_grad()
-    def pseudo_label_accuracy(
-        self, paired_labels: torch.Tensor, unpaired_labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Share of unpaired images whose assigned paired image (plan argmax) has their class.
+    def pseudo_label_accuracy(self, unpaired_labels: torch.Tensor) -> torch.Tensor | None:
+        """Share of unpaired images whose assigned support item (plan argmax) has their class.
 
-        Uses the features of the last :meth:`compute_losses` call (local batch) and the
-        criterion's assigner; labels are hidden from the losses. No host sync.
+        Reads the plan the last training loss used (``criterion.last_assignment``: the same
+        assigner, support bank and global batch) and the hidden labels of its support rows;
+        labels never reach the losses. None when the last step made no plan. No host sync.
         """
-        image, text, unpaired = self._last_features
-        if unpaired is None:
-            raise RuntimeError("pseudo_label_accuracy needs a batch with unpaired images")
-        image, text, unpaired = (
-            image.detach().float(),
-            text.detach().float(),
-            unpaired.detach().float(),
-        )
-        plan = self.criterion.caption.assign(unpaired, image, text, self.logit_scale().detach())
-        return (paired_labels[plan.argmax(dim=-1)] == unpaired_labels).float().mean()
+        last = self.criterion.last_assignment
+        if last is None or last.support_labels is None:
+            return None
+        if self.criterion.gather_distributed:
+            unpaired_labels = distributed.gather_no_grad(unpaired_labels)
+        return (last.support_labels[last.plan.argmax(dim=-1)] == unpaired_labels).float().mean()
 
     def pseudo_label_ramp(self) -> float:
         """Factor on the caption and keyword losses at the current step (1 after the ramp)."""

@@ -124,3 +124,64 @@ def test_trainer_ddp_step_equals_single_device_step(objective, tmp_path):
         torch.testing.assert_close(two["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
     for name, w in one["after"].items():
         torch.testing.assert_close(two["after"][name], w, atol=1e-5, rtol=1e-4, msg=name)
+
+
+BANK_STEPS = 3
+
+
+def _bank_run(towers, crit, world=1, rank=0):
+    """BANK_STEPS SGD steps on fresh global batches (ids 8s..8s+7) with the bank on."""
+    opt = torch.optim.SGD(towers.parameters(), lr=0.5)
+    losses = []
+    for step in range(BANK_STEPS):
+        full = make_inputs(seed=step)
+        ids = torch.arange(BP) + BP * step if step < 2 else torch.arange(BP)  # step 2 repeats
+        part = {k: v if k == "k" else v.chunk(world)[rank] for k, v in full.items()}
+        xf, yf, uf, kf, s = towers(part["x"], part["y"], part["u"], part["k"])
+        loss = sum(
+            crit(xf, yf, s, uf, kf, part["cand"], paired_ids=ids.chunk(world)[rank]).values()
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _bank_worker(rank, world, init_file, size, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    towers = torch.nn.parallel.DistributedDataParallel(Towers())
+    crit = SCLIPLoss(support_bank_size=size, gather_distributed=True)
+    crit.bank.set_capacity(2 * BP)
+    losses = _bank_run(towers, crit, world, rank)
+    torch.save(
+        {
+            "losses": losses,
+            "weights": {n: p.detach() for n, p in towers.module.named_parameters()},
+            "bank": crit.bank.state,
+        },
+        f"{out_file}.{rank}",
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", [-1, 12])
+def test_two_process_support_bank_equals_one_process(size):
+    """The bank holds the gathered global batch: identical on both ranks and equal to the
+    bank, losses and weights of one process over BANK_STEPS steps."""
+    towers = Towers()
+    crit = SCLIPLoss(support_bank_size=size)
+    crit.bank.set_capacity(2 * BP)
+    ref_losses = _bank_run(towers, crit)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.pt")
+        mp.spawn(_bank_worker, args=(2, os.path.join(tmp, "init"), size, out), nprocs=2, join=True)
+        got = [torch.load(f"{out}.{r}") for r in range(2)]
+    for key, value in crit.bank.state.items():
+        assert torch.equal(got[0]["bank"][key], got[1]["bank"][key]), key
+        torch.testing.assert_close(got[0]["bank"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    torch.testing.assert_close(got[0]["losses"], ref_losses, atol=1e-5, rtol=1e-5)
+    for name, w in towers.named_parameters():
+        torch.testing.assert_close(got[0]["weights"][name], w.detach(), atol=1e-5, rtol=1e-4)

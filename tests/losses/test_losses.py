@@ -11,17 +11,26 @@ import torch.nn.functional as F
 from release_reference import release_loss
 
 from sclip_lightning.losses import (
-    CaptionOTLoss,
+    ASSIGNERS,
+    PRESETS,
+    RECOMMENDED,
+    Assigner,
     ContrastiveLoss,
+    HardNNAssigner,
     KeywordPLLLoss,
+    OTAssigner,
     SCLIPLoss,
+    SoftNNAssigner,
+    UnbalancedOTAssigner,
     assign,
+    build_assigner,
+    caption_loss,
+    keyword_loss,
     keyword_targets,
-    ot_assign,
     sinkhorn_log,
+    sinkhorn_plan,
     sinkhorn_pot,
 )
-from sclip_lightning.losses.sclip import PRESETS
 
 
 def feats(n, d=16, seed=0, dtype=torch.float64):
@@ -95,8 +104,8 @@ def test_log_domain_is_exact_in_float32_where_multiplicative_underflows():
     p = F.normalize(torch.randn(16, 16, generator=g) + shift, dim=-1)
     q = F.normalize(torch.randn(16, 16, generator=g) - shift, dim=-1)
     # every cost is near 2: exp(-cost * 100) underflows to 0 in float32
-    ref = ot_assign(q.double(), p.double(), 0.01, 10, "pot")
-    got = ot_assign(q, p, torch.tensor(0.01), 10, "log")
+    ref = sinkhorn_plan(1 - q.double() @ p.double().T, 0.01, 10, "pot")
+    got = sinkhorn_plan(1 - q @ p.T, torch.tensor(0.01), 10, "log")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
     naive = sinkhorn_pot(1 - q @ p.T, 0.01, 10)
@@ -105,101 +114,245 @@ def test_log_domain_is_exact_in_float32_where_multiplicative_underflows():
 
 def test_ot_plan_has_uniform_marginals_when_converged():
     q, p = feats(8, seed=7), feats(8, seed=8)
-    gamma = ot_assign(q, p, 0.5, num_iters=500, solver="log")
+    gamma = sinkhorn_plan(1 - q @ p.T, 0.5, 500, "log")
     torch.testing.assert_close(gamma.sum(0), torch.ones(8, dtype=gamma.dtype), atol=1e-6, rtol=0)
     torch.testing.assert_close(gamma.sum(1), torch.ones(8, dtype=gamma.dtype))
 
 
 @pytest.mark.parametrize("solver", ["pot", "log"])
-@pytest.mark.parametrize(
-    "n,m,s,iters",
-    [
-        (7, 5, 30.0, 10),
-        (16, 16, 100.0, 10),
-        (5, 9, 1.0, 3),
-        (12, 4, 100.0, 1),
-        (1, 1, 50.0, 10),
-        (1, 6, 50.0, 2),
-    ],
-)
-def test_fast_sinkhorn_backward_equals_unrolled_autograd(solver, n, m, s, iters):
-    """SinkhornAssign's low-rank backward is the exact gradient of the unrolled iterations."""
-    from sclip_lightning.losses.functional import SinkhornAssign
-
-    cost = (1 - feats(n, seed=n) @ feats(m, seed=m + 50).T).requires_grad_(True)
-    reg = torch.tensor(1 / s, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-
-    def grads(gamma):
-        return torch.autograd.grad((gamma * g).sum(), (cost, reg))
-
-    fast = SinkhornAssign.apply(cost, reg, iters, solver)
-    log_k, log_v = sinkhorn_log(cost, reg, iters)
-    ref = torch.softmax(log_k + log_v, dim=-1)
-    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-13)
-    for got, want in zip(grads(fast), grads(ref), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
-
-
-def test_fast_sinkhorn_passes_gradcheck():
-    from sclip_lightning.losses.functional import SinkhornAssign
-
-    cost = (1 - feats(4, seed=1) @ feats(3, seed=2).T).requires_grad_(True)
-    reg = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    for solver in ("pot", "log"):
-        assert torch.autograd.gradcheck(
-            lambda c, r, solver=solver: SinkhornAssign.apply(c, r, 5, solver), (cost, reg)
-        )
-
-
-@pytest.mark.parametrize("solver", ["pot", "log"])
-def test_ot_assign_gradients_match_the_unrolled_reference_in_float32(solver):
+def test_ot_gradients_match_the_unrolled_float64_reference(solver):
     q = feats(64, seed=11, dtype=torch.float32).requires_grad_(True)
     p = feats(48, seed=12, dtype=torch.float32).requires_grad_(True)
     scale = torch.tensor(100.0, requires_grad=True)
     w = torch.randn(64, 48, generator=torch.Generator().manual_seed(4))
-    got = torch.autograd.grad((ot_assign(q, p, 1 / scale, 10, solver) * w).sum(), (q, p, scale))
+    plan = OTAssigner(sinkhorn_solver=solver)(q, p, p, scale)
+    got = torch.autograd.grad((plan * w).sum(), (q, p, scale))
     q64, p64, s64 = (t.detach().double().requires_grad_(True) for t in (q, p, scale))
-    plan = sinkhorn_pot(1 - q64 @ p64.T, 1 / s64, 10)
-    ref = plan / plan.sum(1, keepdim=True)
+    ref = sinkhorn_pot(1 - q64 @ p64.T, 1 / s64, 10)
+    ref = ref / ref.sum(1, keepdim=True)
     want = torch.autograd.grad((ref * w.double()).sum(), (q64, p64, s64))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
-
-
-def test_ot_assign_falls_back_to_autograd_beyond_the_fast_backward_range():
-    q = feats(6, seed=13, dtype=torch.float32).requires_grad_(True)
-    p = feats(5, seed=14, dtype=torch.float32)
-    gamma = ot_assign(q, p, 1e-3, 10, "log")  # 2 / reg = 2000: float64 factors could overflow
-    assert gamma.grad_fn is not None and "Sinkhorn" not in type(gamma.grad_fn).__name__
-    (grad,) = torch.autograd.grad((gamma * torch.arange(5.0)).sum(), q)
-    assert torch.isfinite(grad).all()
 
 
 # ----------------------------------------------------------------- assigners
 def test_assigners_against_loops():
     x, y, u, _, _ = batch(6, 5)
     s = torch.tensor(10.0, dtype=x.dtype)
-    hard = assign(u, x, y, s, "hard_nn", "text")
-    soft = assign(u, x, y, s, "soft_nn", "text")
+    hard = assign(u, x, y, s, "hard_nn", assigner_support="text")
+    soft = assign(u, x, y, s, "soft_nn", assigner_support="text")
     for j in range(u.shape[0]):
         sims = torch.stack([u[j] @ y[i] for i in range(y.shape[0])])
         assert hard[j].argmax() == sims.argmax() and hard[j].sum() == 1
         torch.testing.assert_close(soft[j], torch.softmax(s * sims, 0))
-    # support="text" really uses the text features (the release's variants used images)
-    ot_text = assign(u, x, y, s, "ot", "text")
-    torch.testing.assert_close(ot_text, ot_assign(u, y, 1 / s, 10, "log"))
-    assert not torch.allclose(ot_text, assign(u, x, y, s, "ot", "image"))
+    # assigner_support="text" really uses the text features (the release's variants used images)
+    ot_text = assign(u, x, y, s, "ot", assigner_support="text")
+    ref = sinkhorn_pot(1 - u @ y.T, 1 / s, 10)
+    torch.testing.assert_close(ot_text, ref / ref.sum(1, keepdim=True))
+    assert not torch.allclose(ot_text, assign(u, x, y, s, "ot", assigner_support="image"))
 
 
 def test_detach_plan_blocks_gradient():
     x, y, u, _, _ = batch(5, 4)
     u.requires_grad_(True)
     s = torch.tensor(10.0, dtype=x.dtype)
-    g = assign(u, x, y, s, "ot", "image", detach=True)
-    assert not g.requires_grad
-    g2 = assign(u, x, y, s, "ot", "image", detach=False)
-    assert g2.requires_grad
+    assert not assign(u, x, y, s, "ot", detach_plan=True).requires_grad
+    assert assign(u, x, y, s, "ot", detach_plan=False).requires_grad
+
+
+def test_unbalanced_ot_is_pots_solver_and_interpolates_soft_nn_and_ot():
+    _, x, u, _, _ = batch(9, 7)
+    s = torch.tensor(20.0, dtype=x.dtype)
+    plan = UnbalancedOTAssigner(reg_m=0.3, sinkhorn_iters=10)(u, x, x, s)
+    cost = 1 - u @ x.T
+    ref = ot.unbalanced.sinkhorn_unbalanced(
+        torch.full((7,), 1 / 7, dtype=x.dtype),
+        torch.full((9,), 1 / 9, dtype=x.dtype),
+        cost,
+        1 / s,
+        (float("inf"), 0.3),
+        c=torch.ones_like(cost),
+        numItermax=10,
+        stopThr=0.0,
+    )
+    torch.testing.assert_close(plan, ref / ref.sum(1, keepdim=True))
+    # reg_m -> 0: the support marginal is free, the plan is Soft-PL's softmax(s * sim)
+    loose = UnbalancedOTAssigner(reg_m=1e-9)(u, x, x, s)
+    torch.testing.assert_close(loose, SoftNNAssigner()(u, x, x, s), atol=1e-6, rtol=1e-6)
+    # reg_m -> inf: the balanced plan (both run to convergence)
+    tight = UnbalancedOTAssigner(reg_m=1e9, sinkhorn_iters=2000)(u, x, x, s)
+    balanced = OTAssigner(sinkhorn_iters=2000)(u, x, x, s)
+    torch.testing.assert_close(tight, balanced, atol=1e-5, rtol=1e-4)
+    # gradients reach the features and the scale through POT's iterations
+    uu, xx = u.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ss = s.clone().requires_grad_(True)
+    grads = torch.autograd.grad((UnbalancedOTAssigner()(uu, xx, xx, ss) * cost).sum(), (uu, xx, ss))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_assigner_registry_and_import_paths():
+    assert isinstance(build_assigner("ot"), OTAssigner)
+    assert isinstance(build_assigner("sclip_lightning.losses.HardNNAssigner"), HardNNAssigner)
+    loss = SCLIPLoss(assigner="unbalanced_ot", assigner_kwargs={"reg_m": 0.2})
+    assert isinstance(loss.assigner, UnbalancedOTAssigner) and loss.assigner.reg_m == 0.2
+    with pytest.raises(ValueError, match="unknown assigner"):
+        build_assigner("nn")
+    with pytest.raises(ValueError, match="cannot import assigner"):
+        build_assigner("nowhere.Assigner")
+    with pytest.raises(ValueError, match="does not take"):
+        SCLIPLoss(assigner="soft_nn", assigner_kwargs={"reg_m": 0.2})
+
+
+class FixedPlan(Assigner):
+    """Returns the same plan whatever the features: a test double for the assigner hook."""
+
+    def __init__(self, plan: torch.Tensor) -> None:
+        super().__init__()
+        self.fixed = plan
+
+    def forward(self, unpaired, support_image, support_text, logit_scale):
+        return self.fixed.to(unpaired.dtype)
+
+
+def test_custom_assigner_is_the_plan_training_uses():
+    """A custom plan reaches both pseudo-label terms; expected values computed by hand."""
+    x, y, u, kw, cand = batch(4, 3, 5)
+    plan = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.25, 0.75]])
+    s = torch.tensor(10.0, dtype=x.dtype)
+    loss = SCLIPLoss(
+        assigner=FixedPlan(plan),
+        contrastive_weight=0.0,
+        caption_weight=1.0,
+        keyword_weight=1.0,
+        keyword_weighting="softmax",
+    )
+    out = loss(x, y, s, u, kw, cand)
+    logits = s * u @ y.T
+    expected_caption = (
+        -sum(plan[j, i] * torch.log_softmax(logits[j], 0)[i] for j in range(3) for i in range(4))
+        / 3
+    )
+    torch.testing.assert_close(out["caption_loss"].double(), expected_caption.double())
+    kw_logits = s * u @ kw.T
+    expected_kw = 0.0
+    for j, nearest in enumerate([1, 0, 3]):  # row argmax, first index on ties
+        idx = [k for k in range(5) if cand[nearest, k]]
+        if idx:
+            w = torch.softmax(kw_logits[j, idx], 0)
+            expected_kw = expected_kw - sum(
+                w[a] * torch.log_softmax(kw_logits[j], 0)[k] for a, k in enumerate(idx)
+            )
+    torch.testing.assert_close(
+        out["keyword_loss"].double(), torch.as_tensor(expected_kw / 3).double()
+    )
+    torch.testing.assert_close(loss.last_assignment.plan, plan.float())
+
+
+# ----------------------------------------------------------------- support bank
+def _bank_loss(assigner, size, **kw):
+    return SCLIPLoss(assigner=assigner, support_bank_size=size, **kw)
+
+
+@pytest.mark.parametrize(
+    "assigner,opts",
+    [(name, {}) for name in sorted(ASSIGNERS)] + [("ot", {"sinkhorn_solver": "log"})],
+)
+def test_bank_support_equals_the_explicit_support(assigner, opts):
+    """With the bank on, every assigner plans over [batch; valid bank rows]: the same values
+    and gradients as calling it on that support built by hand (masked rows = absent rows)."""
+    loss = _bank_loss(assigner, -1, keyword_weighting="softmax", **opts)
+    loss.bank.set_capacity(10)
+    xs, ys, _, kw, cands = batch(10, 4, 5, dtype=torch.float32, seed=1)
+    ids = torch.arange(10)
+    loss(xs[:6], ys[:6], torch.tensor(10.0), paired_ids=ids[:6], keyword_candidates=cands[:6])
+    # step 2: batch = pairs 4..9; pairs 4, 5 are in the bank too (left out), 6..9 new
+    x, y, u = (t.clone().requires_grad_(True) for t in (xs[4:], ys[4:], feats(5, seed=9).float()))
+    scale = torch.tensor(10.0, requires_grad=True)
+    got = loss(x, y, scale, u, kw, cands[4:], paired_ids=ids[4:])
+    mask = loss.last_assignment.support_mask
+    assert mask.tolist() == [True] * 6 + [True] * 4 + [False] * 6
+    # explicit: support = batch (6 rows, grad) + bank pairs 0..3 (detached), no bank
+    ref_loss = SCLIPLoss(assigner=assigner, keyword_weighting="softmax", **opts)
+    x2, y2, u2 = (t.detach().clone().requires_grad_(True) for t in (x, y, u))
+    scale2 = torch.tensor(10.0, requires_grad=True)
+    sx, sy = torch.cat([x2, xs[:4]]), torch.cat([y2, ys[:4]])
+    plan = ref_loss.assign(u2, sx, sy, scale2)
+    want_cap = 0.5 * caption_loss(u2, sy, scale2, plan)
+    want_kw = 0.5 * keyword_loss(u2, kw, torch.cat([cands[4:], cands[:4]]), plan, scale2)
+    torch.testing.assert_close(got["caption_loss"], want_cap)
+    torch.testing.assert_close(got["keyword_loss"], want_kw)
+    g1 = torch.autograd.grad(
+        got["caption_loss"] + got["keyword_loss"], (x, y, u, scale), allow_unused=True
+    )
+    g2 = torch.autograd.grad(want_cap + want_kw, (x2, y2, u2, scale2), allow_unused=True)
+    for a, b in zip(g1, g2, strict=True):
+        if a is None or b is None:
+            assert (a is None or not a.any()) and (b is None or not b.any())
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fifo_bank_keeps_the_last_n_and_skips_batch_duplicates():
+    loss = _bank_loss("ot", 5)
+    x, y, *_ = batch(12, 1, dtype=torch.float32)
+    s = torch.tensor(10.0)
+    for step in range(3):  # 4 pairs per step: ids 0-3, 4-7, 8-11
+        sl = slice(4 * step, 4 * step + 4)
+        loss(x[sl], y[sl], s, paired_ids=torch.arange(12)[sl])
+    assert sorted(loss.bank.state["ids"].tolist()) == [7, 8, 9, 10, 11]
+    torch.testing.assert_close(loss.bank.state["image"][loss.bank.state["ids"].argsort()], x[7:])
+    u = feats(3, seed=4).float()
+    bank_ids = loss.bank.state["ids"].clone()  # what the next plan sees, before its push
+    loss(x[8:10], y[8:10], s, u, paired_ids=torch.tensor([8, 9]))
+    mask = loss.last_assignment.support_mask
+    assert mask.tolist() == [True, True] + [i not in (8, 9) for i in bank_ids.tolist()]
+
+
+def test_bank_unfilled_slots_are_unused_and_eval_does_not_push():
+    loss = _bank_loss("soft_nn", -1)
+    loss.bank.set_capacity(100)
+    x, y, u, *_ = batch(4, 3, dtype=torch.float32)
+    s = torch.tensor(10.0)
+    loss(x, y, s, u, paired_ids=torch.tensor([3, 50, 7, 99]))
+    loss(x, y, s, u, paired_ids=torch.tensor([1, 2, 5, 6]))
+    last = loss.last_assignment
+    assert last.support_mask.sum() == 8  # 4 batch rows + slots 3, 50, 7, 99
+    assert (last.plan[:, ~last.support_mask] == 0).all()
+    torch.testing.assert_close(last.plan.sum(1), torch.ones(3))
+    loss.eval()
+    before = {k: v.clone() for k, v in loss.bank.state.items()}
+    loss(x, y, s, u, paired_ids=torch.tensor([10, 11, 12, 13]))
+    assert all(torch.equal(before[k], loss.bank.state[k]) for k in before)
+
+
+def test_bank_round_trips_through_a_state_dict():
+    loss = _bank_loss("ot", 6)
+    x, y, *_ = batch(4, 1, dtype=torch.float32)
+    loss(x, y, torch.tensor(5.0), paired_ids=torch.arange(4))
+    state = loss.state_dict()
+    buf = __import__("io").BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restored = _bank_loss("ot", 6)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.bank.pointer == 4
+    for k, v in loss.bank.state.items():
+        assert torch.equal(restored.bank.state[k], v)
+    with pytest.raises(ValueError, match="support_bank_size"):
+        _bank_loss("ot", 3).load_state_dict(state)
+    with pytest.raises(ValueError, match="paired_ids"):
+        _bank_loss("ot", -1).bank.push(x, y, None, None)
+
+
+def test_custom_assigner_without_mask_argument_works_with_the_bank():
+    loss = SCLIPLoss(assigner=FixedPlan(torch.full((2, 2), 1 / 2)), support_bank_size=4)
+    x, y, u, *_ = batch(2, 2, dtype=torch.float32)
+    s = torch.tensor(10.0)
+    loss(x, y, s, u, paired_ids=torch.tensor([0, 1]))  # bank empty: support = batch
+    loss.assigner.fixed = torch.full((2, 6), 1 / 6)
+    loss(x, y, s, u, paired_ids=torch.tensor([0, 1]))  # bank: 2 rows duplicate the batch
+    plan = loss.last_assignment.plan
+    torch.testing.assert_close(plan, torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 2))
 
 
 # ----------------------------------------------------------------- keywords
@@ -235,8 +388,8 @@ def test_keyword_loss_mean_modes():
     plan = torch.eye(6, dtype=x.dtype)
     cand[:3] = False
     s = torch.tensor(10.0, dtype=x.dtype)
-    all_rows = KeywordPLLLoss("softmax", empty_rows_in_mean=True)(u, kw, cand, plan, s)
-    with_cand = KeywordPLLLoss("softmax", empty_rows_in_mean=False)(u, kw, cand, plan, s)
+    all_rows = KeywordPLLLoss("softmax", keyword_empty_rows_in_mean=True)(u, kw, cand, plan, s)
+    with_cand = KeywordPLLLoss("softmax", keyword_empty_rows_in_mean=False)(u, kw, cand, plan, s)
     n_with = int(cand.any(1).sum())
     torch.testing.assert_close(all_rows * 6 / n_with, with_cand)
 
@@ -263,10 +416,31 @@ def test_released_config_matches_loop_reference_values_and_grads(bp, bu, k, s):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_presets_come_from_the_loss_signature_and_the_module_uses_the_same_names():
+    import inspect
+
+    from sclip_lightning import SCLIPModule
+
+    defaults = inspect.signature(SCLIPLoss.__init__).parameters
+    assert all(RECOMMENDED.options[k] == defaults[k].default for k in RECOMMENDED.options)
+    module_args = inspect.signature(SCLIPModule.__init__).parameters
+    assert set(RECOMMENDED.options) <= set(module_args)  # same option names, CLI down
+    ot_args = inspect.signature(OTAssigner.__init__).parameters
+    for name in (
+        "assigner_support",
+        "detach_plan",
+        "sinkhorn_iters",
+        "sinkhorn_reg",
+        "sinkhorn_solver",
+    ):
+        assert ot_args[name].default == defaults[name].default
+
+
 def test_recommended_and_release_differ_only_by_documented_options():
     rel = SCLIPLoss.as_released()
     rec = SCLIPLoss.from_preset("recommended")
-    assert rel.keyword.weighting == "linear" and rec.keyword.weighting == "softmax"
+    assert rel.keyword.keyword_weighting == "linear"
+    assert rec.keyword.keyword_weighting == "softmax"
     rel_opts, rec_opts = (PRESETS[n].options for n in ("released", "recommended"))
     assert {k for k in rel_opts if rel_opts[k] != rec_opts[k]} == {"keyword_weighting"}
     with pytest.raises(ValueError, match="unknown preset"):
@@ -372,7 +546,9 @@ def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="caption_weight"):
         SCLIPLoss(caption_weight=-1)
     with pytest.raises(ValueError, match="sinkhorn_iters"):
-        CaptionOTLoss(sinkhorn_iters=0)
+        SCLIPLoss(sinkhorn_iters=0)
+    with pytest.raises(ValueError, match="paired_ids"):
+        loss(x, y, torch.tensor(1.0), paired_ids=torch.arange(3))
 
 
 def test_loss_weights_scale_terms():
@@ -385,100 +561,3 @@ def test_loss_weights_scale_terms():
     torch.testing.assert_close(w["keyword_loss"], 3 * base["keyword_loss"])
     total = SCLIPLoss()(x, y, s, u, kw, cand, output_dict=False)
     assert math.isfinite(float(total))
-
-
-@pytest.mark.parametrize("bp,bu", [(5, 3), (8, 8), (1, 4), (6, 0)])
-def test_fused_column_cross_entropy_equals_the_unfused_losses(bp, bu):
-    from sclip_lightning.losses.functional import ColumnCrossEntropy, soft_cross_entropy
-
-    g = torch.Generator().manual_seed(bp + bu)
-    logits = (5 * torch.randn(bp, bp + bu, generator=g, dtype=torch.float64)).requires_grad_()
-    gamma = None
-    if bu:
-        gamma = torch.softmax(torch.randn(bu, bp, generator=g, dtype=torch.float64), -1)
-        gamma.requires_grad_(True)
-    i2t, cap = ColumnCrossEntropy.apply(logits, gamma, bp)
-    ref_i2t = F.cross_entropy(logits[:, :bp].T, torch.arange(bp))
-    ref_cap = (
-        soft_cross_entropy(logits[:, bp:].T, gamma) if bu else torch.zeros((), dtype=torch.float64)
-    )
-    inputs = [logits] + ([gamma] if bu else [])
-    got = torch.autograd.grad(0.7 * i2t + 1.3 * cap, inputs)
-    want = torch.autograd.grad(0.7 * ref_i2t + 1.3 * ref_cap, inputs)
-    torch.testing.assert_close(i2t, ref_i2t)
-    torch.testing.assert_close(cap, ref_cap)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-# ----------------------------------------------------------------- fused node
-def _composed_reference(opts, x, y, s, u, kw, cand):
-    """The objective from the standalone losses (no SCLIPCore): the test's reference."""
-    contrastive = ContrastiveLoss(opts.get("unpaired_negatives", True))(x, y, s, u)
-    cap_loss = CaptionOTLoss(
-        sinkhorn_iters=opts.get("sinkhorn_iters", 10),
-        sinkhorn_reg=opts.get("sinkhorn_reg"),
-        sinkhorn_solver=opts.get("sinkhorn_solver", "pot"),
-        detach_plan=opts.get("detach_plan", False),
-    )
-    plan = cap_loss.assign(u, x, y, s)
-    kw_loss = KeywordPLLLoss(
-        opts.get("keyword_weighting", "softmax"), opts.get("keyword_empty_rows_in_mean", True)
-    )
-    out = {"contrastive_loss": opts.get("contrastive_weight", 1.0) * contrastive}
-    cw, kww = opts.get("caption_weight", 0.5), opts.get("keyword_weight", 0.5)
-    out["caption_loss"] = cw * cap_loss(u, x, y, s, plan) if cw > 0 else 0 * s
-    out["keyword_loss"] = kww * kw_loss(u, kw, cand, plan, s) if kww > 0 else 0 * s
-    return out
-
-
-FUSED_OPTIONS = [
-    {},
-    {"keyword_weighting": "linear"},
-    {"sinkhorn_solver": "log"},
-    {"detach_plan": True},
-    {"unpaired_negatives": False},
-    {"caption_weight": 0.0},
-    {"caption_weight": 0.0, "unpaired_negatives": False},
-    {"keyword_weight": 0.0},
-    {"sinkhorn_reg": 0.05, "sinkhorn_iters": 3},
-    {"keyword_empty_rows_in_mean": False, "contrastive_weight": 2.0, "caption_weight": 1.5},
-]
-
-
-@pytest.mark.parametrize("opts", FUSED_OPTIONS, ids=lambda o: ",".join(o) or "default")
-@pytest.mark.parametrize("bp,bu,s", [(8, 8, 14.0), (6, 11, 100.0), (9, 3, 1.0)])
-def test_fused_node_equals_the_standalone_losses(opts, bp, bu, s):
-    """SCLIPLoss's one-node path (losses/core.py) against ContrastiveLoss + CaptionOTLoss +
-    KeywordPLLLoss composed by autograd: values and every gradient, scale included."""
-    x, y, u, kw, cand = batch(bp, bu, 5, dtype=torch.float32, seed=bp * bu)
-
-    def leaves():
-        return [t.clone().requires_grad_(True) for t in (x, y, u, kw)] + [
-            torch.tensor(s, requires_grad=True)
-        ]
-
-    loss = SCLIPLoss(**opts)
-    assert loss._fused_plan()
-    a = leaves()
-    got = loss(a[0], a[1], a[4], a[2], a[3], cand)
-    b = leaves()
-    want = _composed_reference(opts, b[0], b[1], b[4], b[2], b[3], cand)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
-    g_got = torch.autograd.grad(sum(got.values()), a, allow_unused=True)
-    g_want = torch.autograd.grad(sum(want.values()), b, allow_unused=True)
-    for ga, gb in zip(g_got, g_want, strict=True):
-        ga = torch.zeros(()) if ga is None else ga
-        gb = torch.zeros(()) if gb is None else gb
-        torch.testing.assert_close(ga, gb.expand_as(ga), atol=2e-5, rtol=1e-4)
-
-
-def test_fused_node_second_backward_is_an_error_not_a_wrong_gradient():
-    x, y, u, kw, cand = batch(6, 6, 4, dtype=torch.float32)
-    params = [t.clone().requires_grad_(True) for t in (x, y, u, kw)]
-    total = SCLIPLoss()(params[0], params[1], torch.tensor(10.0), params[2], params[3], cand)
-    total = sum(total.values())
-    total.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        total.backward()

@@ -39,7 +39,7 @@ def split_labeled(n: int, label_ratio: float, seed: int) -> tuple[list[int], lis
 
 
 class PairedTrainSet(Dataset):
-    """Paired training items ``{"image", "text", "keywords", "index"}``.
+    """Paired training items ``{"image", "text", "keywords", "index", "pair_index"}``.
 
     One caption per image per visit, drawn at random (``caption_sampling="random"``) or the
     first one; tokenised and matched against the keyword vocabulary here, in the workers.
@@ -76,6 +76,7 @@ class PairedTrainSet(Dataset):
             "text": self.tokenizer([caption])[0],
             "keywords": self.matcher(caption),
             "index": self.indices[i],
+            "pair_index": i,  # position among the pairs: the support bank's slot
         }
         if self.hidden_labels:
             out["label"] = item["label"]
@@ -402,6 +403,12 @@ class SCLIPDataModule(L.LightningDataModule):
         if done >= trainer.num_training_batches:  # the epoch is over: next one, from its start
             return trainer.current_epoch + 1, 0
         return trainer.current_epoch, done
+
+    @property
+    def num_paired(self) -> int:
+        """Number of paired training images (after :meth:`setup`): the slots of a
+        ``support_bank_size=-1`` bank."""
+        return len(self.paired_indices)
 
     def paired_train_set(self) -> PairedTrainSet:
         return PairedTrainSet(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from sclip_lightning.losses.functional import soft_cross_entropy
+
 KEYWORD_WEIGHTINGS = ("linear", "softmax")
 
 
@@ -52,117 +54,76 @@ def keyword_targets(
     return torch.where(count > 0, weights, torch.zeros_like(weights))
 
 
-class KeywordPLLLoss(nn.Module):
-    """Keyword-level partial-label loss, usable alone.
+def keyword_loss(
+    unpaired_features: torch.Tensor,
+    keyword_features: torch.Tensor,
+    support_candidates: torch.Tensor,
+    plan: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    weighting: str = "softmax",
+    empty_rows_in_mean: bool = True,
+) -> torch.Tensor:
+    """S-CLIP's keyword loss (Sec. 3.2): partial-label learning over the keyword vocabulary.
 
-    For unpaired image ``j`` the candidate set is the keyword set of the caption of the paired
-    image with the largest plan entry (``argmax_i Gamma_ji``). Loss: soft cross-entropy of
-    ``s U k^T`` (keyword texts encoded by the text tower, with gradient) against
-    :func:`keyword_targets` (unweighted: multiply by 1/2 for the paper's objective).
+    The candidate set of unpaired image ``j`` is the keyword set of the support caption with
+    the largest plan entry (``argmax_i Gamma_ji``); the loss is the soft cross-entropy of
+    ``s U k^T`` (keyword texts encoded with gradient) against :func:`keyword_targets`.
 
     Args:
-        weighting: ``"linear"`` (release) or ``"softmax"`` (stable).
-        empty_rows_in_mean: count images with no candidate in the mean with a zero target
+        unpaired_features: (B_u, D). keyword_features: (K, D).
+        support_candidates: (S, K) bool, keyword k occurs in support caption i.
+        plan: (B_u, S) assignment; only its row argmax is used (no gradient through it).
+        logit_scale: the scale ``s``.
+        weighting: ``"linear"`` (release) or ``"softmax"`` (bounded).
+        empty_rows_in_mean: count images without candidates in the mean with a zero target
             (release: True) or average over images with candidates only (False).
+
+    Returns:
+        Scalar, unweighted (the paper's objective multiplies it by 1/2).
+    """
+    nearest = plan.detach().max(dim=-1).indices
+    candidates = support_candidates[nearest]
+    logits = logit_scale * (unpaired_features @ keyword_features.T)
+    targets = keyword_targets(
+        unpaired_features, keyword_features, candidates, logit_scale, weighting, logits
+    )
+    row_weight = None if empty_rows_in_mean else candidates.any(dim=-1).to(logits.dtype)
+    return soft_cross_entropy(logits, targets, row_weight)
+
+
+class KeywordPLLLoss(nn.Module):
+    """:func:`keyword_loss` as a module.
+
+    Args:
+        keyword_weighting: ``"linear"`` (release) or ``"softmax"`` (stable).
+        keyword_empty_rows_in_mean: see :func:`keyword_loss` (release: True).
     """
 
-    def __init__(self, weighting: str = "softmax", empty_rows_in_mean: bool = True) -> None:
+    def __init__(
+        self, keyword_weighting: str = "softmax", keyword_empty_rows_in_mean: bool = True
+    ) -> None:
         super().__init__()
-        if weighting not in KEYWORD_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {KEYWORD_WEIGHTINGS}, got {weighting!r}")
-        self.weighting = weighting
-        self.empty_rows_in_mean = empty_rows_in_mean
+        if keyword_weighting not in KEYWORD_WEIGHTINGS:
+            raise ValueError(
+                f"keyword_weighting must be one of {KEYWORD_WEIGHTINGS}, got {keyword_weighting!r}"
+            )
+        self.keyword_weighting = keyword_weighting
+        self.keyword_empty_rows_in_mean = keyword_empty_rows_in_mean
 
     def forward(
         self,
         unpaired_features: torch.Tensor,
         keyword_features: torch.Tensor,
-        paired_candidates: torch.Tensor,
+        support_candidates: torch.Tensor,
         plan: torch.Tensor,
         logit_scale: torch.Tensor | float,
     ) -> torch.Tensor:
-        """Args:
-        unpaired_features: (B_u, D). keyword_features: (K, D).
-        paired_candidates: (B_p, K) bool, keyword k occurs in paired caption i.
-        plan: (B_u, B_p) assignment; its row argmax picks the candidate set.
-        logit_scale: scalar ``s``.
-        """
-        nearest = plan.detach().max(dim=-1).indices
-        candidates = paired_candidates[nearest]
-        scale = torch.as_tensor(logit_scale, dtype=unpaired_features.dtype)
-        return _KeywordPLL.apply(
+        return keyword_loss(
             unpaired_features,
             keyword_features,
-            scale.to(unpaired_features.device),
-            candidates,
-            self.weighting,
-            self.empty_rows_in_mean,
-        )
-
-
-def keyword_loss_forward(
-    unpaired: torch.Tensor,
-    keywords: torch.Tensor,
-    scale: torch.Tensor,
-    candidates: torch.Tensor,
-    weighting: str,
-    empty_rows_in_mean: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Value of the keyword loss without autograd, and what :func:`keyword_loss_backward`
-    needs: ``soft_cross_entropy(s U K^T, keyword_targets(...), row_weight)``."""
-    sim = unpaired @ keywords.T  # (B_u, K)
-    logits = sim * scale
-    targets = keyword_targets(unpaired, keywords, candidates, scale, weighting, logits)
-    log_p = torch.log_softmax(logits, dim=-1)
-    if empty_rows_in_mean:
-        denom = logits.new_full((), float(max(logits.shape[0], 1)))  # no host->device copy
-    else:  # rows without candidates have all-zero targets: they only change the count
-        denom = candidates.any(dim=-1).sum().to(logits.dtype).clamp_min(1.0)
-    loss = -torch.dot(targets.view(-1), log_p.view(-1)) / denom
-    return loss, (sim, targets, log_p, denom)
-
-
-def keyword_loss_backward(
-    grad: torch.Tensor, scale: torch.Tensor, saved: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d sim * s, d s)`` for the loss of :func:`keyword_loss_forward`: the gradient with
-    respect to ``U K^T`` (so ``dU = . @ K``, ``dK = .^T @ U``) and to the scale."""
-    sim, targets, log_p, denom = saved
-    d_logits = torch.exp(log_p).mul_(targets.sum(dim=-1, keepdim=True)).sub_(targets)
-    d_logits.mul_(grad / denom)  # softmax * sum(targets) - targets
-    d_scale = torch.dot(d_logits.view(-1), sim.view(-1))
-    return d_logits.mul_(scale), d_scale
-
-
-class _KeywordPLL(torch.autograd.Function):
-    """Soft cross-entropy of ``s U K^T`` against :func:`keyword_targets`, one autograd node.
-
-    Same value and gradients as ``soft_cross_entropy(s * U @ K.T, targets, row_weight)``
-    (the targets are built from detached similarities, as released); the backward is
-    ``softmax * sum(targets) - targets`` and three small products, with no graph of a dozen
-    (B_u, K) operations behind it.
-    """
-
-    @staticmethod
-    def forward(ctx, unpaired, keywords, scale, candidates, weighting, empty_rows_in_mean):  # type: ignore[override]
-        loss, saved = keyword_loss_forward(
-            unpaired, keywords, scale, candidates, weighting, empty_rows_in_mean
-        )
-        ctx.save_for_backward(unpaired, keywords, scale, *saved)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        unpaired, keywords, scale, *saved = ctx.saved_tensors
-        d_sim, d_scale = keyword_loss_backward(grad, scale, tuple(saved))
-        d_unpaired = d_sim @ keywords if ctx.needs_input_grad[0] else None
-        d_keywords = d_sim.T @ unpaired if ctx.needs_input_grad[1] else None
-        return (
-            d_unpaired,
-            d_keywords,
-            d_scale if ctx.needs_input_grad[2] else None,
-            None,
-            None,
-            None,
+            support_candidates,
+            plan,
+            logit_scale,
+            self.keyword_weighting,
+            self.keyword_empty_rows_in_mean,
         )

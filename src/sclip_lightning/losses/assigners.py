@@ -1,0 +1,333 @@
+"""Pseudo-label assigners: which paired captions each unpaired image is taught.
+
+An assigner maps the unpaired (query) features and the support (the paired images and
+their captions, and the support bank's rows when it is on) to a plan ``Gamma`` of shape
+(B_u, S) whose rows sum to 1. S-CLIP's caption loss teaches unpaired image ``j`` the mixture
+of support captions with weights ``Gamma_j``; its keyword loss takes the candidate keywords of
+the support caption with the largest weight. The plan carries whatever gradient the assigner
+defines (the release's OT plan is not detached).
+
+Built in (``SCLIPLoss(assigner=<name>)``):
+
+- ``"ot"`` :class:`OTAssigner`: S-CLIP's balanced entropic OT (the release).
+- ``"unbalanced_ot"`` :class:`UnbalancedOTAssigner`: the support-side marginal relaxed by a KL
+  penalty (POT), so a small support with skewed classes need not receive equal mass.
+- ``"soft_nn"`` :class:`SoftNNAssigner`: the paper's Soft-PL ablation.
+- ``"hard_nn"`` :class:`HardNNAssigner`: the paper's Hard-PL ablation.
+
+Write your own by subclassing :class:`Assigner` and overriding :meth:`Assigner.plan` (query
+vs the chosen support) or :meth:`Assigner.forward` (everything); pass the instance, the class
+or its import path (``"mypkg.assigners.MyAssigner"``) as ``assigner``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sclip_lightning.losses.sinkhorn import SINKHORN_SOLVERS, sinkhorn_plan
+
+SUPPORTS = ("image", "text")
+
+
+class Assigner(nn.Module):
+    """Base class: (unpaired, support) features -> row-stochastic plan (B_u, S).
+
+    Args:
+        assigner_support: compare unpaired images with the support's ``"image"`` features
+            (S-CLIP) or with its captions' ``"text"`` features. (The release's text variants
+            silently used image features; here ``"text"`` really uses the captions.)
+        detach_plan: stop gradients through the plan (the release: False).
+    """
+
+    def __init__(self, assigner_support: str = "image", detach_plan: bool = False) -> None:
+        super().__init__()
+        if assigner_support not in SUPPORTS:
+            raise ValueError(
+                f"assigner_support must be one of {SUPPORTS}, got {assigner_support!r}"
+            )
+        self.assigner_support = assigner_support
+        self.detach_plan = bool(detach_plan)
+
+    def forward(
+        self,
+        unpaired: torch.Tensor,
+        support_image: torch.Tensor,
+        support_text: torch.Tensor,
+        logit_scale: torch.Tensor,
+        support_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The plan ``Gamma``.
+
+        Args:
+            unpaired: (B_u, D) L2-normalised unpaired image features (the queries).
+            support_image: (S, D) support image features.
+            support_text: (S, D) the support captions' features.
+            logit_scale: the scale ``s`` (0-d tensor).
+            support_mask: optional (S,) bool, False for support rows that must receive no
+                weight (empty or duplicate support-bank slots). None: every row counts.
+
+        Returns:
+            (B_u, S) plan, rows summing to 1, zero where ``support_mask`` is False.
+        """
+        support = support_image if self.assigner_support == "image" else support_text
+        if self.detach_plan:
+            unpaired, support, logit_scale = (
+                unpaired.detach(),
+                support.detach(),
+                logit_scale.detach(),
+            )
+        return self.plan(unpaired, support, logit_scale, support_mask)
+
+    def plan(
+        self,
+        query: torch.Tensor,
+        support: torch.Tensor,
+        logit_scale: torch.Tensor,
+        support_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B_u, S) plan of ``query`` (B_u, D) over ``support`` (S, D); see :meth:`forward`."""
+        raise NotImplementedError(f"{type(self).__name__} must override plan() or forward()")
+
+
+def _masked(scores: torch.Tensor, support_mask: torch.Tensor | None) -> torch.Tensor:
+    return scores if support_mask is None else scores.masked_fill(~support_mask, -math.inf)
+
+
+def _column_mass(support_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Uniform mass over the valid support rows (no host sync: the count stays on device)."""
+    if support_mask is None:
+        return None
+    mass = support_mask.to(dtype)
+    return mass / mass.sum()
+
+
+class OTAssigner(Assigner):
+    """S-CLIP's caption-level assignment: balanced entropic optimal transport.
+
+    Cost ``C = 1 - U S^T`` (cosine), uniform marginals, ``reg = 1/s``, 10 Sinkhorn iterations
+    (not run to convergence), the plan's rows renormalised; gradients through the unrolled
+    iterations into the features and ``s`` (as the release, unless ``detach_plan``).
+
+    Args:
+        assigner_support, detach_plan: see :class:`Assigner`.
+        sinkhorn_iters: iterations (release 10), >= 1.
+        sinkhorn_reg: fixed regularisation > 0, or None for ``1/s`` (release).
+        sinkhorn_solver: ``"pot"`` (the release: POT's multiplicative updates in float64,
+            exact for ``reg >= 1/350``) or ``"log"`` (log domain, exact in float32 for any reg).
+    """
+
+    def __init__(
+        self,
+        assigner_support: str = "image",
+        detach_plan: bool = False,
+        sinkhorn_iters: int = 10,
+        sinkhorn_reg: float | None = None,
+        sinkhorn_solver: str = "pot",
+    ) -> None:
+        super().__init__(assigner_support, detach_plan)
+        _check_sinkhorn(sinkhorn_iters, sinkhorn_reg)
+        if sinkhorn_solver not in SINKHORN_SOLVERS:
+            raise ValueError(
+                f"sinkhorn_solver must be one of {SINKHORN_SOLVERS}, got {sinkhorn_solver!r}"
+            )
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.sinkhorn_reg = sinkhorn_reg
+        self.sinkhorn_solver = sinkhorn_solver
+
+    def plan(self, query, support, logit_scale, support_mask):
+        cost = 1.0 - query @ support.T  # the release: float32 cost
+        reg = 1.0 / logit_scale if self.sinkhorn_reg is None else self.sinkhorn_reg
+        mass = _column_mass(support_mask, torch.float64)
+        return sinkhorn_plan(cost, reg, self.sinkhorn_iters, self.sinkhorn_solver, mass)
+
+
+class UnbalancedOTAssigner(Assigner):
+    """Entropic OT with the support-side marginal relaxed (POT, unbalanced Sinkhorn).
+
+    Every unpaired image still sends mass ``1/B_u`` (hard query marginal), but the support
+    items need not receive equal mass: the penalty ``reg_m * KL(Gamma^T 1 | b)`` replaces the
+    equality. ``reg_m -> inf`` gives the balanced plan of :class:`OTAssigner`; ``reg_m -> 0``
+    gives ``softmax(-C / reg)``, i.e. :class:`SoftNNAssigner`. Useful when the paired support
+    is small and its classes are skewed against the unpaired batch, where the balanced plan
+    must send images to captions of other classes.
+
+    Runs ``ot.unbalanced.sinkhorn_unbalanced`` (``method="sinkhorn"``, reference measure all
+    ones so the kernel is ``exp(-C/reg)`` as in the balanced case) with POT's torch backend on
+    the training device, in float64, with gradients through its iterations. POT checks for
+    numerical errors after every iteration (a host sync each on a GPU); ``stopThr=0`` keeps
+    the iteration count fixed.
+
+    Args:
+        assigner_support, detach_plan: see :class:`Assigner`.
+        sinkhorn_iters: iterations (default 10, as the balanced plan).
+        sinkhorn_reg: fixed entropic regularisation, or None for ``1/s``.
+        reg_m: KL penalty on the support marginal, > 0.
+    """
+
+    def __init__(
+        self,
+        assigner_support: str = "image",
+        detach_plan: bool = False,
+        sinkhorn_iters: int = 10,
+        sinkhorn_reg: float | None = None,
+        reg_m: float = 0.05,
+    ) -> None:
+        super().__init__(assigner_support, detach_plan)
+        _check_sinkhorn(sinkhorn_iters, sinkhorn_reg)
+        if not reg_m > 0:
+            raise ValueError(f"reg_m must be > 0, got {reg_m}")
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.sinkhorn_reg = sinkhorn_reg
+        self.reg_m = float(reg_m)
+
+    def plan(self, query, support, logit_scale, support_mask):
+        import ot
+
+        cost = (1.0 - query @ support.T).double()
+        n, m = cost.shape
+        a = cost.new_full((n,), 1.0 / n)
+        b = _column_mass(support_mask, torch.float64)
+        if b is None:
+            b = cost.new_full((m,), 1.0 / m)
+        else:  # v = (b / K^T u)^f has an infinite derivative at b = 0 (NaN gradients):
+            # masked rows get the smallest float64 mass instead and are zeroed below
+            b = b.clamp_min(torch.finfo(torch.float64).tiny)
+        reg = (1.0 / logit_scale).double() if self.sinkhorn_reg is None else self.sinkhorn_reg
+        plan = ot.unbalanced.sinkhorn_unbalanced(
+            a,
+            b,
+            cost,
+            reg,
+            (math.inf, self.reg_m),
+            method="sinkhorn",
+            c=torch.ones_like(cost),
+            numItermax=self.sinkhorn_iters,
+            stopThr=0.0,
+        )
+        if support_mask is not None:
+            plan = plan * support_mask
+        return (plan / plan.sum(dim=-1, keepdim=True)).to(query.dtype)
+
+
+class SoftNNAssigner(Assigner):
+    """Soft-PL (the paper's ablation): ``softmax(s * U S^T)`` over the support."""
+
+    def plan(self, query, support, logit_scale, support_mask):
+        return torch.softmax(_masked(logit_scale * (query @ support.T), support_mask), dim=-1)
+
+
+class HardNNAssigner(Assigner):
+    """Hard-PL (the paper's ablation): one-hot on the most similar support item (no gradient)."""
+
+    def plan(self, query, support, logit_scale, support_mask):
+        nearest = _masked(query @ support.T, support_mask).argmax(dim=-1)
+        return F.one_hot(nearest, support.shape[0]).to(query.dtype)
+
+
+def _check_sinkhorn(iters: int, reg: float | None) -> None:
+    if iters < 1:
+        raise ValueError(f"sinkhorn_iters must be >= 1, got {iters}")
+    if reg is not None and not reg > 0:
+        raise ValueError(f"sinkhorn_reg must be > 0 or None (= 1/s), got {reg}")
+
+
+#: Built-in assigners by name (``SCLIPLoss(assigner=<name>)``, ``--model.init_args.assigner``).
+ASSIGNERS: dict[str, type[Assigner]] = {
+    "ot": OTAssigner,
+    "unbalanced_ot": UnbalancedOTAssigner,
+    "soft_nn": SoftNNAssigner,
+    "hard_nn": HardNNAssigner,
+}
+
+
+def assigner_class(spec: str | type[nn.Module]) -> type[nn.Module]:
+    """The class of a name in :data:`ASSIGNERS`, an import path or a class."""
+    if isinstance(spec, type):
+        cls: Any = spec
+    elif spec in ASSIGNERS:
+        cls = ASSIGNERS[spec]
+    elif isinstance(spec, str) and "." in spec:
+        module, _, name = spec.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import assigner {spec!r}: {e}") from None
+    else:
+        raise ValueError(
+            f"unknown assigner {spec!r}: use one of {sorted(ASSIGNERS)} or an import path "
+            "'package.module.Class' of an Assigner subclass"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"assigner {spec!r} is not an nn.Module (subclass Assigner)")
+    return cls
+
+
+#: Options every loss-level caller offers (``SCLIPLoss``, the module); an assigner that does
+#: not take one of them (Soft-PL has no Sinkhorn) simply does not get it.
+SHARED_OPTIONS = frozenset(
+    {"assigner_support", "detach_plan", "sinkhorn_iters", "sinkhorn_reg", "sinkhorn_solver"}
+)
+
+
+def accepted_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that ``cls.__init__`` accepts (all with ``**kwargs``).
+
+    Raises:
+        ValueError: an option that is neither accepted nor one of :data:`SHARED_OPTIONS`
+            (a misspelt or foreign option must not vanish silently).
+    """
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    unknown = sorted(k for k in options if k not in params and k not in SHARED_OPTIONS)
+    if unknown:
+        known = sorted(params)
+        raise ValueError(f"{cls.__name__} does not take {unknown}; its options: {known}")
+    return {k: v for k, v in options.items() if k in params}
+
+
+def build_assigner(
+    spec: str | type[nn.Module] | nn.Module, options: dict[str, Any] | None = None
+) -> nn.Module:
+    """An assigner from an instance (returned as is), a class, a name or an import path.
+
+    ``options`` are offered to the constructor; those it does not accept are left out (the
+    shared Sinkhorn options mean nothing to Soft-PL, for instance).
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    cls = assigner_class(spec)
+    return cls(**accepted_options(cls, options or {}))
+
+
+def assign(
+    unpaired_features: torch.Tensor,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    assigner: str = "ot",
+    **options: Any,
+) -> torch.Tensor:
+    """One-call form: ``build_assigner(assigner, options)(unpaired, image, text, s)``.
+
+    Args:
+        unpaired_features: (B_u, D). image_features, text_features: (B_p, D) support.
+        logit_scale: the scale ``s``.
+        assigner: a name of :data:`ASSIGNERS` or an import path.
+        **options: the assigner's options (``assigner_support``, ``sinkhorn_iters``, ...).
+
+    Returns:
+        (B_u, B_p) plan.
+    """
+    scale = torch.as_tensor(logit_scale, dtype=unpaired_features.dtype)
+    module = build_assigner(assigner, options)
+    return module(
+        unpaired_features, image_features, text_features, scale.to(unpaired_features.device)
+    )
