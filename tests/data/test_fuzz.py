@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sclip_lightning.data.datasets import CaptionTable, ImageFolderUnpaired
+from sclip_lightning.data import CaptionTable, ImageFolderUnpaired
 from sclip_lightning.data.images import CorruptImageError
 from sclip_lightning.models import build_transforms
 
@@ -123,3 +123,75 @@ def test_keyword_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes("lake\nr\xf6of\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"kw\.txt line 2: not valid UTF-8"):
         load_keywords(path)
+
+
+def _corrupt_chunk(path, dataset: str, row: int) -> None:
+    """Overwrite the compressed bytes of one row's chunk in an HDF5 file (a damaged disk)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(row)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(b"\x00\xff" * (info.size // 2))
+
+
+def test_fashiongen_rows_go_through_the_shared_loading_path(tmp_path, caplog):
+    """A damaged HDF5 row raises naming the file and the row, or is skipped (counted, logged)
+    with skip_corrupt; a product's image is drawn with torch's seeded generator."""
+    import h5py
+    from fixtures import write_fashiongen
+
+    from sclip_lightning.data import FashionGen
+    from sclip_lightning.data.sampling import seeded
+
+    root = write_fashiongen(tmp_path / "fg", n=8)
+    path = root / "fashiongen_256_256_train.hdf5"
+    with h5py.File(path, "a") as f:  # rewrite the images chunked + compressed, one row a chunk
+        images = f["input_image"][:]
+        del f["input_image"]
+        f.create_dataset("input_image", data=images, chunks=(1, 16, 16, 3), compression="gzip")
+    _corrupt_chunk(path, "input_image", 3)  # product 1's second image
+    ds = FashionGen(root, "train", transform=TRANSFORM, random_item_image=False)
+    assert ds[0]["image"].shape == (3, 32, 32)
+    strict = FashionGen(root, "train", transform=TRANSFORM)
+    with pytest.raises(CorruptImageError, match=r"row 3 of .*train\.hdf5.*skip_corrupt=True"):
+        for seed in range(20):  # the random draw reaches row 3 for some seed
+            seeded((1, seed), strict.__getitem__)
+    lenient = FashionGen(root, "train", transform=TRANSFORM, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        items = [seeded((1, seed), lenient.__getitem__) for seed in range(20)]
+    assert lenient.skipped == {1} and "skip_corrupt: skipped" in caplog.text
+    assert all(it["image"].shape == (3, 32, 32) for it in items)
+    draws = [seeded((0, 7), strict.__getitem__)["path"] for _ in range(3)]
+    assert len(set(draws)) == 1  # the same sample seed draws the same product image
+
+
+def test_huggingface_records_go_through_the_shared_loading_path(tmp_path, caplog):
+    """A record of a datasets folder whose image bytes do not decode raises naming it, or is
+    skipped with skip_corrupt (counted and logged)."""
+    import datasets
+
+    from sclip_lightning.data import SimpsonsCaptions
+
+    rng = np.random.default_rng(0)
+    good = []
+    for _ in range(9):
+        buf = __import__("io").BytesIO()
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(buf, "PNG")
+        good.append({"bytes": buf.getvalue(), "path": None})
+    images = good[:4] + [{"bytes": b"not an image at all", "path": None}] + good[4:]
+    texts = [f"homer number {i}" for i in range(len(images))]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": images, "text": texts}, features=features).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    strict = SimpsonsCaptions(tmp_path / "hf", split="train", train_ratio=1.0)
+    bad = strict.rows.index(4)
+    with pytest.raises(CorruptImageError, match=r"record 4 of .*hf.*skip_corrupt=True"):
+        strict[bad]
+    lenient = SimpsonsCaptions(tmp_path / "hf", "train", TRANSFORM, True, train_ratio=1.0)
+    with caplog.at_level(logging.WARNING):
+        items = [lenient[i] for i in range(len(lenient))]
+    assert lenient.skipped == {bad} and "skip_corrupt: skipped" in caplog.text
+    assert all(it["image"].shape == (3, 32, 32) for it in items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from sclip_lightning.data import registry
 from sclip_lightning.data.keywords import KeywordMatcher, load_keywords, mine_keywords
 from sclip_lightning.data.sampling import ResumableLoader, seeded
+from sclip_lightning.data.shards import ShardLoader, ShardStream, is_paired
+from sclip_lightning.data.tower_cache import TowerOutputCache, TowerOutputs
+from sclip_lightning.evaluation import EvalSpec
 from sclip_lightning.models import build_tokenizer, build_transforms
 
 log = logging.getLogger(__name__)
@@ -54,11 +58,15 @@ class PairedTrainSet(Dataset):
         matcher,
         caption_sampling="random",
         hidden_labels=False,
+        outputs: TowerOutputs | None = None,
+        caption_keywords: dict[int, torch.Tensor] | None = None,
     ):
         self.base, self.indices = base, list(indices)
         self.transform, self.tokenizer, self.matcher = transform, tokenizer, matcher
         self.caption_sampling = caption_sampling
         self.hidden_labels = hidden_labels
+        self.outputs = outputs or TowerOutputs()
+        self.caption_keywords = caption_keywords or {}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -67,15 +75,34 @@ class PairedTrainSet(Dataset):
         return seeded(key, self._get)
 
     def _get(self, i: int) -> dict[str, Any]:
-        item = self.base[self.indices[i]]
+        index = self.indices[i]
+        cached = self.outputs
+        if cached.images is not None:  # frozen image-tower outputs instead of pixels
+            assert cached.image_source is not None
+            source = int(cached.image_source[index])
+            item = _record(self.base, source)
+            image = cached.images[index]
+        else:
+            item = self.base[index]
+            image = self.transform(item["image"])
+            source = _source_of(self.base, item, index)
         caps = item["captions"]
         j = int(torch.randint(len(caps), ()).item()) if self.caption_sampling == "random" else 0
         caption = caps[j]
+        text = (
+            cached.caption_rows(source)[j]
+            if cached.captions is not None
+            else self.tokenizer([caption])[0]
+        )
         out = {
-            "image": self.transform(item["image"]),
-            "text": self.tokenizer([caption])[0],
-            "keywords": self.matcher(caption),
-            "index": self.indices[i],
+            "image": image,
+            "text": text,
+            "keywords": (
+                self.caption_keywords[source][j]
+                if source in self.caption_keywords
+                else self.matcher(caption)
+            ),
+            "index": index,
             "pair_index": i,  # position among the pairs: the support bank's slot
         }
         if self.hidden_labels:
@@ -86,9 +113,10 @@ class PairedTrainSet(Dataset):
 class UnpairedTrainSet(Dataset):
     """Unpaired items ``{"image", "index"}``."""
 
-    def __init__(self, base, indices, transform, hidden_labels=False):
+    def __init__(self, base, indices, transform, hidden_labels=False, outputs=None):
         self.base, self.indices, self.transform = base, list(indices), transform
         self.hidden_labels = hidden_labels
+        self.outputs: TowerOutputs = outputs or TowerOutputs()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -97,48 +125,110 @@ class UnpairedTrainSet(Dataset):
         return seeded(key, self._get)
 
     def _get(self, i: int) -> dict[str, Any]:
-        item = self.base[self.indices[i]]
-        out = {"image": self.transform(item["image"]), "index": self.indices[i]}
+        index = self.indices[i]
+        if self.outputs.images is not None:
+            out = {"image": self.outputs.images[index], "index": index}
+            if self.hidden_labels:
+                out["label"] = _label(self.base, self.outputs, index)
+            return out
+        item = self.base[index]
+        out = {"image": self.transform(item["image"]), "index": index}
         if self.hidden_labels:
             out["label"] = item["label"]
         return out
 
 
 class KeyedSet(Dataset):
-    """``{"image", <keys>}``: the transformed image and some fields of the base item
-    (``("label",)`` for zero-shot evaluation, ``("path",)`` for ``predict``)."""
+    """``{"image", "index", <keys>}``: the transformed image, its index and some fields of the
+    base item (``("label",)`` for zero-shot evaluation, ``("path",)`` for ``predict``)."""
 
-    def __init__(self, base, transform, keys: tuple[str, ...]):
+    def __init__(self, base, transform, keys: tuple[str, ...], outputs=None):
         self.base, self.transform, self.keys = base, transform, keys
+        self.outputs: TowerOutputs = outputs or TowerOutputs()
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.outputs.images is not None:
+            assert self.outputs.image_source is not None
+            src = int(self.outputs.image_source[i])
+            fields = {
+                "label": lambda: self.base.labels[src],
+                "path": lambda: str(self.base.paths[src]),
+            }
+            return {
+                "image": self.outputs.images[i],
+                "index": i,
+                **{k: fields[k]() for k in self.keys},
+            }
         item = self.base[i]
-        return {"image": self.transform(item["image"]), **{k: item[k] for k in self.keys}}
+        return {
+            "image": self.transform(item["image"]),
+            "index": i,
+            **{k: item[k] for k in self.keys},
+        }
 
 
 class RetrievalSet(Dataset):
     """``{"image", "texts": (n, ctx), "index"}``: every caption (standard protocol) or one
     caption drawn with a fixed per-image seed (the release's protocol)."""
 
-    def __init__(self, base, transform, tokenizer, protocol: str = "all", seed: int = 0):
+    def __init__(
+        self, base, transform, tokenizer, protocol: str = "all", seed: int = 0, outputs=None
+    ):
         if protocol not in ("all", "one"):
             raise ValueError(f"retrieval protocol must be 'all' or 'one', got {protocol!r}")
         self.base, self.transform, self.tokenizer = base, transform, tokenizer
         self.protocol, self.seed = protocol, seed
+        self.outputs: TowerOutputs = outputs or TowerOutputs()
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.base[i]
+        cached = self.outputs
+        if cached.images is not None:
+            assert cached.image_source is not None
+            source = int(cached.image_source[i])
+            item = _record(self.base, source)
+            image = cached.images[i]
+        else:
+            item = self.base[i]
+            image = self.transform(item["image"])
+            source = _source_of(self.base, item, i)
         caps = item["captions"]
+        rows = list(range(len(caps)))
         if self.protocol == "one":
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-            caps = [caps[int(torch.randint(len(caps), (), generator=g))]]
-        return {"image": self.transform(item["image"]), "texts": self.tokenizer(caps), "index": i}
+            rows = [int(torch.randint(len(caps), (), generator=g))]
+        if cached.captions is not None:
+            texts = cached.caption_rows(source)[rows]
+        else:
+            texts = self.tokenizer([caps[r] for r in rows])
+        return {"image": image, "texts": texts, "index": i}
+
+
+def _record(base, index: int) -> dict[str, Any]:
+    """The captions (and hidden label) of record ``index``, without reading its image."""
+    rec: dict[str, Any] = {"captions": list(base.captions[index])}
+    labels = getattr(base, "labels", None)
+    if labels is not None:
+        rec["label"] = labels[index]
+    return rec
+
+
+def _source_of(base, item: dict[str, Any], index: int) -> int:
+    """The record an item was read from (``skip_corrupt`` may have moved to the next one)."""
+    paths = getattr(base, "paths", None)
+    if paths is None or "path" not in item or str(paths[index]) == item["path"]:
+        return index
+    return next(i for i, p in enumerate(paths) if str(p) == item["path"])
+
+
+def _label(base, outputs: TowerOutputs, index: int) -> int:
+    assert outputs.image_source is not None
+    return base.labels[int(outputs.image_source[index])]
 
 
 def collate_retrieval(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -153,13 +243,11 @@ def collate_retrieval(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 @dataclass
-class EvalSpec:
-    """One evaluation loader: what it measures and what the module needs to score it."""
+class TrainInfo:
+    """What the module takes from the training data (``SCLIPDataModule.train_info()``)."""
 
-    name: str
-    kind: str  # "zeroshot" | "retrieval"
-    classes: list[str] | None = None
-    templates: list[str] | None = None
+    keywords: list[str]
+    num_paired: int
 
 
 class SCLIPDataModule(L.LightningDataModule):
@@ -205,6 +293,14 @@ class SCLIPDataModule(L.LightningDataModule):
         retrieval_protocol: ``"all"`` captions per image (standard) or ``"one"`` (release).
         templates: zero-shot prompt templates (``{}`` = class name); default per source.
         skip_corrupt: skip unreadable images (counted and logged) instead of raising.
+        unpaired: load the unpaired stream. None (default) follows the attached module's
+            ``uses_unpaired`` (False for the CLIP baseline: its unpaired images would never
+            be used); True / False force it.
+        augment: random training augmentation (open_clip's train transform: random resized
+            crop). False trains on the evaluation transform (deterministic): needed by the
+            module's image tower-output cache (``tower_cache``).
+        shuffle_buffer: samples in the shuffle buffer of unpaired images streamed from
+            WebDataset shards (``unpaired_dataset: webdataset``, or ``dataset: webdataset``).
         hidden_labels: add the class label of every training image (paired and unpaired)
             to the batches, so the module can log the accuracy of its pseudo-labels
             (``train/pseudo_label_acc``). Needs a source with per-image labels (``synthetic``,
@@ -247,7 +343,10 @@ class SCLIPDataModule(L.LightningDataModule):
         retrieval_protocol: str = "all",
         templates: list[str] | None = None,
         skip_corrupt: bool = False,
+        unpaired: bool | None = None,
+        augment: bool = True,
         hidden_labels: bool = False,
+        shuffle_buffer: int = 1000,
         predict_root: str | None = None,
         predict_classes: list[str] | None = None,
         dataset_kwargs: dict[str, Any] | None = None,
@@ -268,7 +367,9 @@ class SCLIPDataModule(L.LightningDataModule):
             registry.get_source(unpaired_dataset)
         self.keyword_list: list[str] = []
         self._prepared = False
-        self.use_unpaired = True
+        self.tower_outputs: TowerOutputCache | None = None
+        #: training position from a checkpoint (load_state_dict), applied to the next loaders
+        self._resume_position: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -284,25 +385,43 @@ class SCLIPDataModule(L.LightningDataModule):
         self.root = registry.resolve_root(hp.dataset, hp.root)
         self.source = registry.get_source(hp.dataset)
         self.tokenizer = build_tokenizer(hp.model_name)
-        self.train_transform = build_transforms(hp.model_name, True, hp.image_size)
+        self.train_transform = build_transforms(hp.model_name, hp.augment, hp.image_size)
         self.eval_transform = build_transforms(hp.model_name, False, hp.image_size)
         self._setup_train()
         self._prepared = True
 
     def _setup_train(self) -> None:
         hp: Any = self.hparams
-        self.train_base = registry.build_captioned(hp.dataset, self.root, "train", **self._kw())
-        n = len(self.train_base)
-        self.paired_indices, rest = split_labeled(n, hp.label_ratio, hp.split_seed)
-        if hp.unpaired_dataset is None:
-            self.unpaired_base = self.train_base
-            self.unpaired_indices = rest
+        #: (shards, exclude) when the unpaired images are streamed from WebDataset shards
+        self.unpaired_shards: tuple[Any, Any] | None = None
+        if self.source.split_by_key:  # shards: the L = U split is by key, pairs materialised
+            self.train_base = registry.build_captioned(
+                hp.dataset, self.root, "train", label_ratio=hp.label_ratio,
+                split_seed=hp.split_seed, **self._kw(),
+            )  # fmt: skip
+            rest: list[int] = []
+            self.paired_indices = list(range(len(self.train_base)))
+            if hp.unpaired_dataset is None:
+                ratio, seed = hp.label_ratio, hp.split_seed
+                self.unpaired_shards = (self.root, partial(is_paired, label_ratio=ratio, seed=seed))
         else:
+            self.train_base = registry.build_captioned(hp.dataset, self.root, "train", **self._kw())
+            n = len(self.train_base)
+            self.paired_indices, rest = split_labeled(n, hp.label_ratio, hp.split_seed)
+        self.unpaired_base: Any = self.train_base
+        self.unpaired_indices = rest
+        if hp.unpaired_dataset is not None:
             uroot = registry.resolve_root(hp.unpaired_dataset, hp.unpaired_root)
-            self.unpaired_base = registry.build_unpaired(
-                hp.unpaired_dataset, uroot, skip_corrupt=hp.skip_corrupt
-            )
-            self.unpaired_indices = list(range(len(self.unpaired_base)))
+            if registry.get_source(hp.unpaired_dataset).streams:
+                self.unpaired_shards = (uroot, None)
+                self.unpaired_base, self.unpaired_indices = None, []
+            else:
+                self.unpaired_base = registry.build_unpaired(
+                    hp.unpaired_dataset, uroot, skip_corrupt=hp.skip_corrupt
+                )
+                self.unpaired_indices = list(range(len(self.unpaired_base)))
+        if self.unpaired_shards is not None:
+            self._check_streamed()
         if hp.hidden_labels:
             for name, base in (("paired", self.train_base), ("unpaired", self.unpaired_base)):
                 if getattr(base, "labels", None) is None:
@@ -313,9 +432,13 @@ class SCLIPDataModule(L.LightningDataModule):
                     )
         self.keyword_list = self._keywords()
         self.matcher = KeywordMatcher(self.keyword_list, hp.keyword_matching)
+        # keyword candidates of every paired caption, matched once (not at every visit)
+        self.caption_keywords = {
+            i: self.matcher.table(self.train_base.captions[i]) for i in self.paired_indices
+        }
         if self.keyword_list:
-            paired_caps = [c for i in self.paired_indices for c in self.train_base.captions[i]]
-            hit, total = self.matcher.coverage(paired_caps)
+            rows = torch.cat(list(self.caption_keywords.values()))
+            hit, total = int(rows.any(dim=1).sum()), rows.shape[0]
             if hit == 0:
                 log.warning(
                     "none of the %d keywords occurs in any of the %d paired captions: the "
@@ -375,9 +498,8 @@ class SCLIPDataModule(L.LightningDataModule):
             persistent_workers=nw > 0,
             pin_memory=torch.cuda.is_available(),
         )
-        position = getattr(self, "_resume_position", None)
-        if position is not None:
-            loader.load_state_dict(position)
+        if self._resume_position is not None:
+            loader.load_state_dict(self._resume_position)
         return loader
 
     # ------------------------------------------------------------ resume
@@ -404,11 +526,71 @@ class SCLIPDataModule(L.LightningDataModule):
             return trainer.current_epoch + 1, 0
         return trainer.current_epoch, done
 
+    def train_info(self) -> TrainInfo:
+        """What the module takes from the training data: the keyword vocabulary (resolved:
+        a file, the source's own list, or mined) and the number of pairs. Sets up "fit"."""
+        self.setup("fit")
+        return TrainInfo(list(self.keyword_list), self.num_paired)
+
+    def loads_unpaired(self) -> bool:
+        """Whether the training loader carries unpaired images (see ``unpaired``)."""
+        if self._hp.unpaired is not None:
+            return bool(self._hp.unpaired)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "uses_unpaired", True))
+
     @property
     def num_paired(self) -> int:
         """Number of paired training images (after :meth:`setup`): the slots of a
         ``support_bank_size=-1`` bank."""
         return len(self.paired_indices)
+
+    # ------------------------------------------------------ tower outputs
+    def use_tower_outputs(
+        self,
+        image_fn=None,
+        text_fn=None,
+        image_key: dict[str, Any] | None = None,
+        text_key: dict[str, Any] | None = None,
+        directory: str | Path | None = None,
+    ) -> None:
+        """Serve frozen-tower outputs instead of pixels / tokens (the tower-output cache).
+
+        Called by :class:`~sclip_lightning.SCLIPModule` (``tower_cache``) in its ``setup``;
+        the outputs of every training and evaluation set are computed on first use and
+        kept (in memory, or under ``directory``). ``predict`` keeps reading pixels.
+
+        Args:
+            image_fn: pixels -> frozen image outputs (None: images are not cached).
+            text_fn: tokens -> frozen text outputs (None: captions are not cached).
+            image_key, text_key: what the outputs depend on besides the data.
+            directory: cache folder, or None for memory only.
+
+        Raises:
+            ValueError: images are to be cached but training augmentation is random.
+        """
+        if image_fn is not None and self._hp.augment:
+            raise ValueError(
+                "the image tower-output cache needs deterministic training images: set "
+                "data.augment: false (random crops would be frozen into the cache)"
+            )
+        self.setup("fit")
+        self.tower_outputs = TowerOutputCache(
+            image_fn,
+            text_fn,
+            image_key or {},
+            text_key or {},
+            self.eval_transform,
+            self.tokenizer,
+            directory,
+            batch_size=self._hp.eval_batch_size,
+            num_workers=self._hp.num_workers,
+        )
+
+    def _outputs(self, name: str, base: Any, captions: bool) -> TowerOutputs | None:
+        if self.tower_outputs is None:
+            return None
+        return self.tower_outputs.outputs(name, base, captions)
 
     def paired_train_set(self) -> PairedTrainSet:
         return PairedTrainSet(
@@ -419,11 +601,45 @@ class SCLIPDataModule(L.LightningDataModule):
             self.matcher,
             self._hp.caption_sampling,
             self._hp.hidden_labels,
+            self._outputs(f"{self._hp.dataset}/train", self.train_base, captions=True),
+            self.caption_keywords,
         )
 
-    def unpaired_train_set(self) -> UnpairedTrainSet:
+    def _check_streamed(self) -> None:
+        hp: Any = self.hparams
+        if hp.hidden_labels:
+            raise ValueError("hidden_labels is not available for unpaired images from shards")
+        if hp.combined_mode != "min_size":
+            raise ValueError(
+                "unpaired images streamed from shards are drawn alongside the paired loader: "
+                "use combined_mode='min_size' (an epoch is one pass over the pairs)"
+            )
+
+    def unpaired_train_set(self) -> UnpairedTrainSet | ShardStream:
+        if self.unpaired_shards is not None:
+            shards, exclude = self.unpaired_shards
+            seed = self._hp.order_seed
+            return ShardStream(
+                shards,
+                self.train_transform,
+                self._hp.unpaired_batch_size,
+                seed=torch.initial_seed() if seed is None else seed,
+                exclude=exclude,
+                shuffle_buffer=self._hp.shuffle_buffer,
+                skip_corrupt=self._hp.skip_corrupt,
+            )
+        base = self.unpaired_base
+        name = (
+            f"{self._hp.dataset}/train"
+            if self._hp.unpaired_dataset is None
+            else f"{self._hp.unpaired_dataset}/unpaired"
+        )
         return UnpairedTrainSet(
-            self.unpaired_base, self.unpaired_indices, self.train_transform, self._hp.hidden_labels
+            base,
+            self.unpaired_indices,
+            self.train_transform,
+            self._hp.hidden_labels,
+            self._outputs(name, base, captions=base is self.train_base),
         )
 
     def train_dataloader(self) -> CombinedLoader:
@@ -434,11 +650,28 @@ class SCLIPDataModule(L.LightningDataModule):
                 f"only {len(paired)} paired images for batch_size={hp.batch_size}: lower the "
                 "batch size or raise label_ratio"
             )
-        loaders = {"paired": self._train_loader(paired, hp.batch_size, 0)}
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        self.use_unpaired = bool(getattr(module, "uses_unpaired", True))
-        if self.use_unpaired:
+        loaders: dict[str, DataLoader] = {"paired": self._train_loader(paired, hp.batch_size, 0)}
+        if self.loads_unpaired() and self.unpaired_shards is not None:
+            if self.tower_outputs is not None and self.tower_outputs.image_fn is not None:
+                raise ValueError(
+                    "the image tower-output cache reads every image once up front; unpaired "
+                    "images streamed from shards are not cached: use tower_cache: text"
+                )
+            stream = self.unpaired_train_set()
+            assert isinstance(stream, ShardStream)
+            shard_loader = ShardLoader(
+                stream,
+                len(loaders["paired"]),
+                self._progress,
+                num_workers=hp.num_workers,  # not persistent: each epoch sends its position
+                pin_memory=torch.cuda.is_available(),
+            )
+            if self._resume_position is not None:
+                shard_loader.load_state_dict(self._resume_position)
+            loaders["unpaired"] = shard_loader
+        elif self.loads_unpaired():
             unpaired = self.unpaired_train_set()
+            assert isinstance(unpaired, UnpairedTrainSet)
             if len(unpaired) < hp.unpaired_batch_size:
                 raise ValueError(
                     f"the unpaired set has {len(unpaired)} images, fewer than one batch "
@@ -459,46 +692,55 @@ class SCLIPDataModule(L.LightningDataModule):
         self._resume_position = None  # applied once
         return CombinedLoader(loaders, mode=hp.combined_mode)
 
-    def _eval_entries(self, kind: str, split: str) -> list[tuple[str, str, Path]]:
+    def _eval_entries(self, kind: str) -> list[tuple[str, str, Path]]:
+        """``(source name, display name, root)`` of each evaluation set of ``kind``. The
+        display name is the data set's name (``rsscn7``, not ``rsscn7=/data/RSSCN7``), with
+        ``-2``, ``-3`` ... when one source is given twice (two roots)."""
         hp: Any = self.hparams
         given = hp.zeroshot if kind == "zeroshot" else hp.retrieval
         if given is None:
             src = self.source
             has = src.classes if kind == "zeroshot" else src.captioned
-            given = [hp.dataset] if has is not None else []
-        out = []
+            given = [hp.dataset] if has is not None and src.evaluates_itself else []
+        out, seen = [], {}  # type: ignore[var-annotated]
         for entry in given:
             name, _, root = entry.partition("=")
             r = registry.resolve_root(name, root or (hp.root if name == hp.dataset else None))
-            out.append((name, entry, r))
+            seen[name] = seen.get(name, 0) + 1
+            out.append((name, name if seen[name] == 1 else f"{name}-{seen[name]}", r))
         return out
 
     def _eval(self, split: str, kinds: tuple[str, ...]) -> tuple[list[DataLoader], list[EvalSpec]]:
         hp: Any = self.hparams
         loaders, specs = [], []
         for kind in kinds:
-            for name, label, root in self._eval_entries(kind, split):
+            for name, label, root in self._eval_entries(kind):
                 source = registry.get_source(name)
                 if kind == "zeroshot":
                     base = registry.build_classes(name, root, split, skip_corrupt=hp.skip_corrupt)
                     templates = hp.templates or source.templates
+                    outputs = self._outputs(f"{label}/{split}", base, captions=False)
                     loaders.append(
                         self._eval_loader(
-                            KeyedSet(base, self.eval_transform, ("label",)),
+                            KeyedSet(base, self.eval_transform, ("label",), outputs),
                             hp.eval_batch_size,
                         )
                     )
-                    specs.append(EvalSpec(f"{label}/{split}", kind, list(base.classes), templates))
+                    specs.append(EvalSpec(label, kind, list(base.classes), templates, split))
                 else:
                     kw = self._kw() if name == hp.dataset else {"skip_corrupt": hp.skip_corrupt}
                     base = registry.build_captioned(name, root, split, **kw)
                     rs = RetrievalSet(
-                        base, self.eval_transform, self.tokenizer, hp.retrieval_protocol
+                        base,
+                        self.eval_transform,
+                        self.tokenizer,
+                        hp.retrieval_protocol,
+                        outputs=self._outputs(f"{label}/{split}", base, captions=True),
                     )
                     loaders.append(
                         self._eval_loader(rs, hp.eval_batch_size, collate_fn=collate_retrieval)
                     )
-                    specs.append(EvalSpec(f"{label}/{split}", kind))
+                    specs.append(EvalSpec(label, kind, split=split))
         return loaders, specs
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -513,13 +755,14 @@ class SCLIPDataModule(L.LightningDataModule):
         hp = self._hp
         if hp.predict_root is None:
             raise ValueError("predict needs data.predict_root: a folder of images to label")
-        from sclip_lightning.data.datasets import ImageFolderUnpaired
+        from sclip_lightning.data.generic import ImageFolderUnpaired
 
         base = ImageFolderUnpaired(hp.predict_root, skip_corrupt=hp.skip_corrupt)
+        self.predict_paths = [str(p) for p in base.paths]
         if hp.predict_classes:
             classes, templates = list(hp.predict_classes), hp.templates or self.source.templates
         else:
-            entries = self._eval_entries("zeroshot", hp.test_split)
+            entries = self._eval_entries("zeroshot")
             if not entries:
                 raise ValueError(
                     "predict needs class names: set data.predict_classes or a zero-shot set"

@@ -32,7 +32,7 @@ def load_keywords(path: str | Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        from sclip_lightning.data.datasets import utf8_error
+        from sclip_lightning.data.base import utf8_error
 
         raise utf8_error(path, e) from None
     for line in text.splitlines():
@@ -167,6 +167,12 @@ class KeywordMatcher:
         for match_id, _, _ in self._matcher(doc):
             out[int(self._nlp.vocab.strings[match_id])] = True
         return out
+
+    def table(self, captions: Sequence[str]) -> torch.Tensor:
+        """(len(captions), K) bool: row i = ``self(captions[i])``."""
+        if not captions:
+            return torch.zeros(0, len(self.keywords), dtype=torch.bool)
+        return torch.stack([self(c) for c in captions])
 
     def coverage(self, captions: Iterable[str]) -> tuple[int, int]:
         """(captions with at least one keyword, captions in all)."""

@@ -12,8 +12,16 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from sclip_lightning.data import datasets as ds
-from sclip_lightning.data import synthetic
+from sclip_lightning.data import (
+    comics,
+    fashion,
+    generic,
+    remote_sensing,
+    scientific,
+    shards,
+    synthetic,
+)
+from sclip_lightning.data.base import ConcatCaptioned
 
 AERIAL_TEMPLATES = ["an aerial photograph of {}."]
 PHOTO_TEMPLATES = ["a photo of a {}."]
@@ -30,6 +38,11 @@ class Source:
         resolve_root: turns the user's root (may be None) into a usable root.
         keywords: ``root -> keyword file`` (the source's default vocabulary) or None.
         templates: default zero-shot prompt templates (``{}`` = class name).
+        split_by_key: the source splits pairs from unpaired images itself (by key, given
+            ``label_ratio`` and ``split_seed``) instead of the data module's permutation.
+        streams: as ``unpaired_dataset`` the images are streamed (WebDataset shards).
+        evaluates_itself: without explicit ``zeroshot`` / ``retrieval`` entries, evaluate on
+            this source's own val/test splits (False: its root holds training data only).
     """
 
     captioned: Callable[..., Dataset] | None = None
@@ -38,6 +51,9 @@ class Source:
     resolve_root: Callable[[str | None], Path] | None = None
     keywords: Callable[[Path], Path | None] | None = None
     templates: list[str] = field(default_factory=lambda: list(PHOTO_TEMPLATES))
+    split_by_key: bool = False
+    streams: bool = False
+    evaluates_itself: bool = True
 
 
 def _need_root(root: str | None) -> Path:
@@ -46,18 +62,12 @@ def _need_root(root: str | None) -> Path:
     return Path(root)
 
 
-def _polyvore_split(split: str | None) -> str:
-    if split is None:
-        return "train"
-    return {"val": "valid"}.get(split, split)
-
-
 def _class_folder_source(subdir: str | None = None, drop_letter_prefix: bool = False) -> Source:
     """A remote-sensing ``<class>/<images>`` set (zero-shot or unpaired) under ``root[/subdir]``."""
 
     def build(root: Path, **kw: Any) -> Dataset:
         folder = Path(root) / subdir if subdir else Path(root)
-        return ds.ClassFolder(folder, drop_letter_prefix=drop_letter_prefix, **kw)
+        return generic.ClassFolder(folder, drop_letter_prefix=drop_letter_prefix, **kw)
 
     return Source(
         classes=lambda root, split, **kw: build(root, **kw),
@@ -67,37 +77,43 @@ def _class_folder_source(subdir: str | None = None, drop_letter_prefix: bool = F
     )
 
 
+def _shard_root(root: str | None) -> Any:
+    """Shard specs stay strings: ``Path`` would fold the ``//`` of ``s3://`` or ``https://``."""
+    _need_root(root)
+    return root
+
+
 def _synthetic_root(root: str | None) -> Path:
     return synthetic.ensure_synthetic(root)
 
 
 SOURCES: dict[str, Source] = {
     "synthetic": Source(
-        captioned=lambda root, split, **kw: ds.CaptionTable(
+        captioned=lambda root, split, **kw: generic.CaptionTable(
             Path(root) / "captions.csv", split=split, label_column="label", **kw
         ),
-        classes=lambda root, split, **kw: ds.ClassFolder(Path(root) / (split or "test"), **kw),
+        classes=lambda root, split, **kw: generic.ClassFolder(Path(root) / (split or "test"), **kw),
         resolve_root=_synthetic_root,
         keywords=lambda root: Path(root) / "keywords.txt",
         templates=list(AERIAL_TEMPLATES),
     ),
     "caption_table": Source(
-        captioned=lambda root, split, **kw: ds.CaptionTable(root, split=split, **kw),
+        captioned=lambda root, split, **kw: generic.CaptionTable(root, split=split, **kw),
         resolve_root=_need_root,
     ),
     "rsicd": Source(
-        captioned=lambda root, split, **kw: ds.RSICD(root, split=split, **kw),
-        classes=lambda root, split, **kw: ds.RSICDClasses(root, split=split, **kw),
+        captioned=lambda root, split, **kw: remote_sensing.RSICD(root, split=split, **kw),
+        classes=lambda root, split, **kw: remote_sensing.RSICDClasses(root, split=split, **kw),
         resolve_root=_need_root,
         templates=list(AERIAL_TEMPLATES),
     ),
     "ucm": Source(
-        captioned=lambda root, split, **kw: ds.UCMCaptions(root, split=split, **kw),
+        captioned=lambda root, split, **kw: remote_sensing.UCMCaptions(root, split=split, **kw),
         resolve_root=_need_root,
         templates=list(AERIAL_TEMPLATES),
     ),
     "sydney": Source(
-        captioned=lambda root, split, **kw: ds.SydneyCaptions(root, split=split, **kw),
+        captioned=lambda root, split, **kw: remote_sensing.SydneyCaptions(root, split=split, **kw),
         resolve_root=_need_root,
         templates=list(AERIAL_TEMPLATES),
     ),
@@ -107,71 +123,85 @@ SOURCES: dict[str, Source] = {
     "aid": _class_folder_source(),
     "resisc45": _class_folder_source(),
     "fashion200k": Source(
-        captioned=lambda root, split, **kw: ds.Fashion200k(root, split=split, **kw),
-        classes=lambda root, split, **kw: ds.Fashion200kClasses(root, split=split or "test", **kw),
+        captioned=lambda root, split, **kw: fashion.Fashion200k(root, split=split, **kw),
+        classes=lambda root, split, **kw: fashion.Fashion200kClasses(
+            root, split=split or "test", **kw
+        ),
         resolve_root=_need_root,
     ),
     "fashion200k_sub": Source(
-        classes=lambda root, split, **kw: ds.Fashion200kClasses(
+        classes=lambda root, split, **kw: fashion.Fashion200kClasses(
             root, split=split or "test", level="subcategory", **kw
         ),
         resolve_root=_need_root,
     ),
     "fashiongen": Source(
-        captioned=lambda root, split, **kw: ds.FashionGen(root, split=split, **kw),
-        classes=lambda root, split, **kw: ds.FashionGenClasses(root, split=split or "val", **kw),
+        captioned=lambda root, split, **kw: fashion.FashionGen(root, split=split, **kw),
+        classes=lambda root, split, **kw: fashion.FashionGenClasses(
+            root, split=split or "val", **kw
+        ),
         resolve_root=_need_root,
     ),
     "fashiongen_sub": Source(
-        classes=lambda root, split, **kw: ds.FashionGenClasses(
+        classes=lambda root, split, **kw: fashion.FashionGenClasses(
             root, split=split or "val", level="subcategory", **kw
         ),
         resolve_root=_need_root,
     ),
     "polyvore": Source(
-        captioned=lambda root, split, **kw: ds.Polyvore(root, split=_polyvore_split(split), **kw),
-        classes=lambda root, split, **kw: ds.PolyvoreClasses(
-            root, split=_polyvore_split(split or "test"), **kw
+        captioned=lambda root, split, **kw: fashion.Polyvore(root, split=split or "train", **kw),
+        classes=lambda root, split, **kw: fashion.PolyvoreClasses(
+            root, split=split or "test", **kw
         ),
         resolve_root=_need_root,
     ),
     "scicap": Source(
-        captioned=lambda root, split, **kw: ds.SciCap(root, split=split, **kw),
+        captioned=lambda root, split, **kw: scientific.SciCap(root, split=split, **kw),
         resolve_root=_need_root,
     ),
     "rs_all": Source(
-        captioned=lambda root, split, **kw: ds.ConcatCaptioned(
+        captioned=lambda root, split, **kw: ConcatCaptioned(
             [
-                ds.RSICD(Path(root) / "RSICD", split=split, **kw),
-                ds.UCMCaptions(Path(root) / "UCM_captions", split=split, **kw),
-                ds.SydneyCaptions(Path(root) / "Sydney_captions", split=split, **kw),
+                remote_sensing.RSICD(Path(root) / "RSICD", split=split, **kw),
+                remote_sensing.UCMCaptions(Path(root) / "UCM_captions", split=split, **kw),
+                remote_sensing.SydneyCaptions(Path(root) / "Sydney_captions", split=split, **kw),
             ]
         ),
         resolve_root=_need_root,
         templates=list(AERIAL_TEMPLATES),
     ),
     "fashion_all": Source(
-        captioned=lambda root, split, **kw: ds.ConcatCaptioned(
+        captioned=lambda root, split, **kw: ConcatCaptioned(
             [
-                ds.Fashion200k(Path(root) / "fashion200k", split=split, **kw),
-                ds.FashionGen(Path(root) / "FashionGen", split=split, **kw),
-                ds.Polyvore(Path(root) / "PolyvoreOutfits", split=_polyvore_split(split), **kw),
+                fashion.Fashion200k(Path(root) / "fashion200k", split=split, **kw),
+                fashion.FashionGen(Path(root) / "FashionGen", split=split, **kw),
+                fashion.Polyvore(Path(root) / "PolyvoreOutfits", split=split or "train", **kw),
             ]
         ),
         resolve_root=_need_root,
     ),
     "simpsons": Source(
-        captioned=lambda root, split, **kw: ds.SimpsonsCaptions(root, split=split, **kw),
+        captioned=lambda root, split, **kw: comics.SimpsonsCaptions(root, split=split, **kw),
         resolve_root=_need_root,
         templates=["a picture of {}, a character from The Simpsons."],
     ),
+    "webdataset": Source(
+        # root: brace pattern(s) or a list file of shard URLs / paths; the split name is not
+        # part of a shard set: give val / test shards as their own entries
+        # (retrieval: ["webdataset=/data/val-{000..004}.tar"])
+        captioned=lambda root, split, **kw: shards.ShardCaptioned(root, **kw),
+        resolve_root=_shard_root,
+        split_by_key=True,
+        streams=True,
+        evaluates_itself=False,
+    ),
     "image_folder": Source(
-        unpaired=lambda root, **kw: ds.ImageFolderUnpaired(root, **kw),
+        unpaired=lambda root, **kw: generic.ImageFolderUnpaired(root, **kw),
         resolve_root=_need_root,
     ),
     "class_folder": Source(
-        classes=lambda root, split, **kw: ds.ClassFolder(root, **kw),
-        unpaired=lambda root, **kw: ds.ClassFolder(root, **kw),
+        classes=lambda root, split, **kw: generic.ClassFolder(root, **kw),
+        unpaired=lambda root, **kw: generic.ClassFolder(root, **kw),
         resolve_root=_need_root,
     ),
 }

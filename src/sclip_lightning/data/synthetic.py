@@ -73,8 +73,9 @@ class SyntheticSpec:
 
 def default_root() -> Path:
     """``$SCLIP_CACHE/synthetic-aerial-v1`` (default ``~/.cache/sclip_lightning``)."""
-    base = os.environ.get("SCLIP_CACHE") or Path.home() / ".cache" / "sclip_lightning"
-    return Path(base) / VERSION
+    from sclip_lightning.models import cache_dir
+
+    return cache_dir() / VERSION
 
 
 def _folder(name: str) -> str:
