@@ -6,13 +6,17 @@ from typing import Any
 
 import lightning as L
 
+from sclip_lightning import SCLIPModule
 from sclip_lightning.losses import Assigner
 
 
 def quiet_cpu_trainer(**overrides: Any) -> L.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar, summary or validation."""
+    import tempfile
+
     kwargs: dict[str, Any] = dict(
         accelerator="cpu",
+        default_root_dir=tempfile.mkdtemp(prefix="sclip-test-"),  # results files land here
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -66,3 +70,18 @@ class FixedPlan(Assigner):
         import torch
 
         return torch.tensor(self.fixed, dtype=unpaired.dtype, device=unpaired.device)
+
+
+class SGDModule(SCLIPModule):
+    """SCLIPModule with plain SGD: for equality tests of two computations of the same step.
+
+    AdamW's first steps are lr * g / (|g| + eps): float rounding noise in near-zero
+    gradients (1e-9, e.g. from a convolution that picks another kernel for another batch
+    size) becomes a weight difference of up to lr. SGD keeps it at rounding size."""
+
+    def configure_optimizers(self):
+        import torch
+
+        return torch.optim.SGD(
+            [p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr
+        )

@@ -9,9 +9,9 @@ import pytest
 
 from sclip_lightning import SCLIPDataModule
 from sclip_lightning.cli import main
-from sclip_lightning.module import check_rank_agreement
+from sclip_lightning.distributed import check_rank_agreement
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_sclip.yaml")
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 @pytest.mark.parametrize(

@@ -51,3 +51,16 @@ def test_export_errors(tmp_path):
     torch.save({"weights": {}}, tmp_path / "bad.ckpt")
     with pytest.raises(KeyError, match="not a Lightning checkpoint"):
         export(tmp_path / "bad.ckpt", tmp_path / "o.pt")
+
+
+def test_export_refuses_a_checkpoint_holding_pickled_objects(tmp_path):
+    """weights_only loading: a checkpoint that would run code when unpickled is refused."""
+
+    from collections import OrderedDict
+    from fractions import Fraction  # any class outside torch's allow-list stands for a payload
+
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": OrderedDict({"model.w": torch.zeros(1)}), "x": Fraction(1, 3)}, ckpt)
+    with pytest.raises(ValueError, match="refusing to load .*evil.ckpt.*pickled Python objects"):
+        export(ckpt, tmp_path / "o.pt")
+    assert not (tmp_path / "o.pt").exists()

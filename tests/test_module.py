@@ -248,12 +248,12 @@ def test_one_test_run_evaluates_several_sets_with_a_template_ensemble(synthetic_
     L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     ).test(m, dm)
-    names = [(r["dataset"], r["task"]) for r in m.test_results]
-    assert names == [
-        ("synthetic/test", "zero-shot"),
-        (f"class_folder={classes}/test", "zero-shot"),
-        ("synthetic/test", "retrieval"),
-        (f"caption_table={table}/test", "retrieval"),
+    names = [(r["dataset"], r["split"], r["task"]) for r in m.test_results]
+    assert names == [  # named by data set, never by root
+        ("synthetic", "test", "zero-shot"),
+        ("class_folder", "test", "zero-shot"),
+        ("synthetic", "test", "retrieval"),
+        ("caption_table", "test", "retrieval"),
     ]
     rows = json.loads((tmp_path / "res" / "results.json").read_text())
     assert len(rows) == 4 and all(0 <= r.get("top1", 0) <= 100 for r in rows)
@@ -262,20 +262,22 @@ def test_one_test_run_evaluates_several_sets_with_a_template_ensemble(synthetic_
 
 
 def test_eval_deduplicates_images_repeated_by_distributed_samplers():
-    from sclip_lightning.module import _captions_of_first_copy, _unique_first
+    from sclip_lightning.evaluation import captions_of_first_copy, unique_first
 
     idx = torch.tensor([0, 1, 2, 0])  # image 0 padded in twice
     owner = torch.tensor([0, 0, 1, 2, 0, 0])  # its 2 captions arrive twice
-    assert _captions_of_first_copy(owner, idx).tolist() == [True, True, True, True, False, False]
-    uniq, first = _unique_first(idx)
+    assert captions_of_first_copy(owner, idx).tolist() == [True, True, True, True, False, False]
+    uniq, first = unique_first(idx)
     assert uniq.tolist() == [0, 1, 2] and first.tolist() == [0, 1, 2]
-    no_dup = _captions_of_first_copy(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    no_dup = captions_of_first_copy(torch.tensor([0, 1]), torch.tensor([0, 1]))
     assert no_dup.tolist() == [True, True]
 
 
+@pytest.mark.ddp
 def test_retrieval_evaluation_memory_stays_within_its_stated_bound():
-    """bench/retrieval_memory.py at a small scale, in a fresh process (peak RSS is per process):
-    computing the full 4k x 20k similarity matrix would exceed the bound."""
+    """bench/retrieval_memory.py at a small scale, one process and 2 DDP ranks (fresh
+    processes: peak RSS is per process): every rank within the bound (which the full 4k x 20k
+    similarity matrix would exceed), and the same recalls on every rank and rank count."""
     import json
     import subprocess
     import sys
@@ -283,20 +285,43 @@ def test_retrieval_evaluation_memory_stays_within_its_stated_bound():
 
     script = Path(__file__).resolve().parents[1] / "bench" / "retrieval_memory.py"
     out = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--images",
-            "4000",
-            "--captions",
-            "20000",
-            "--max-elements",
-            str(1 << 22),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, str(script), "--images", "4000", "--captions", "20000",
+         "--max-elements", str(1 << 22), "--ranks", "1", "2"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    one, two = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    for stats in (one, two):
+        for rank in stats["per_rank"]:
+            assert rank["peak_rss_mb"] <= rank["bound_mb"], stats
+        assert stats["bound_mb"] - stats["rss_with_features_mb"] < stats["full_matrix_mb"], stats
+        assert stats["same_on_every_rank"], stats
+    assert one["mean_R"] == two["mean_R"]
+
+
+def test_test_prints_one_table_in_percent(synthetic_root, tmp_path, capsys):
+    """`test` prints the results table once (the same as results.md), in percent, and not
+    Lightning's own table (which repeats every number under every dataloader)."""
+    dm = SCLIPDataModule(num_workers=0, eval_batch_size=64)
+    m = SCLIPModule(model_name="sclip-tiny", results_dir=str(tmp_path))
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(m, dm)
+    out = capsys.readouterr().out
+    table = (tmp_path / "results.md").read_text().strip()
+    assert out.count(table) == 1 and "(percent" in out
+    assert "DataLoader 0" not in out
+    retrieval = next(r for r in m.test_results if r["task"] == "retrieval")
+    assert retrieval["i2t_R@10"] > 1.0  # tens of images per class: not a fraction
+
+
+def test_evaluation_numbers_are_percent():
+    from sclip_lightning.evaluation import EvalSpec, Evaluation
+
+    feats = torch.nn.functional.normalize(
+        torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1
     )
-    stats = json.loads(out.stdout.strip().splitlines()[-1])
-    assert stats["peak_rss_mb"] <= stats["bound_mb"], stats
-    assert stats["bound_mb"] - stats["rss_with_features_mb"] < stats["full_matrix_mb"], stats
+    ev = Evaluation([EvalSpec("a", "retrieval"), EvalSpec("b", "zeroshot")], {1: feats[:3]})
+    ev.add_retrieval(0, feats, torch.arange(6), feats, torch.arange(6))
+    ev.add_zeroshot(1, feats[:3], torch.arange(3), torch.arange(3))
+    retrieval, zeroshot = ev.compute()
+    assert retrieval["i2t_R@1"] == retrieval["t2i_R@1"] == retrieval["mean_R"] == 100.0
+    assert zeroshot["top1"] == 100.0

@@ -77,3 +77,16 @@ def test_downloading_tags_fail_fast_with_offline_advice(monkeypatch):
         build_model("RN50", "openai")
     with pytest.raises(ValueError, match="only for model_name"):
         build_model("sclip-tiny", "offline")
+
+
+def test_building_the_offline_model_prints_no_load_noise(capfd, caplog):
+    """The expected MiniLM 'UNEXPECTED pooler' report and open_clip's 'initialized
+    partially' warning are silenced (with the reason in the code); one info line says why."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        build_model(OFFLINE_MODEL, "offline", image_size=32)
+    out, err = capfd.readouterr()
+    for noise in ("LOAD REPORT", "UNEXPECTED", "initialized partially"):
+        assert noise not in out + err + caplog.text
+    assert "pooler weights are unused" in caplog.text

@@ -97,11 +97,27 @@ def _same(a, b, where: str) -> None:
         assert a == b, f"{where} differs after resume: {a} != {b}"
 
 
-@pytest.mark.parametrize("bank", [0, -1], ids=["no_bank", "bank_all_pairs"])
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synthetic_root, tmp_path, bank):
+@pytest.mark.parametrize(
+    "bank, unpaired",
+    [(0, "folder"), (-1, "folder"), (0, "shards")],
+    ids=["no_bank", "bank_all_pairs", "unpaired_from_shards"],
+)
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
+    synthetic_root, tmp_path, bank, unpaired
+):
     """With the support bank on, the bank is part of the checkpoint: the resumed run's bank,
-    weights and metrics equal the uninterrupted run's bit for bit."""
-    extra = (f"--model.init_args.support_bank_size={bank}",)
+    weights and metrics equal the uninterrupted run's bit for bit. With the unpaired images
+    streamed from WebDataset shards, the stream resumes on the same samples."""
+    extra: tuple[str, ...] = (f"--model.init_args.support_bank_size={bank}",)
+    if unpaired == "shards":
+        from fixtures import write_shards
+
+        pattern = write_shards(tmp_path / "shards", shards=4, per_shard=15, size=24)
+        extra += (
+            "--data.init_args.unpaired_dataset=webdataset",
+            f"--data.init_args.unpaired_root={pattern}",
+            "--data.init_args.shuffle_buffer=9",
+        )
     full = tmp_path / "full"
     _fit(full, *extra)
 

@@ -9,6 +9,7 @@ import torch
 from helpers import quiet_cpu_trainer
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
+from sclip_lightning.callbacks import NonFiniteGuard
 
 
 class NaNAtStep(SCLIPModule):
@@ -43,6 +44,11 @@ def _module(cls=NaNAtStep, **kw):
     return cls(model_name="sclip-tiny", lr=1e-3, warmup_steps=0, **kw)
 
 
+def _guard(trainer) -> NonFiniteGuard:
+    """The guard the module installed (configure_callbacks)."""
+    return next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+
+
 @pytest.mark.parametrize("every", [1, 50])
 def test_nonfinite_loss_raises_naming_the_step_and_terms(synthetic_root, every):
     module = _module(nonfinite="raise", nonfinite_check_every_n_steps=every)
@@ -65,7 +71,8 @@ def test_nonfinite_skip_counts_and_leaves_the_weights_untouched(synthetic_root):
     snaps = Snapshots()
     trainer = quiet_cpu_trainer(max_steps=6, callbacks=[snaps])
     trainer.fit(module, datamodule=_data())
-    assert int(module.nonfinite_steps) == 1 and int(module.nonfinite_first_step) == 3
+    guard = _guard(trainer)
+    assert int(guard.steps) == 1 and int(guard.first_step) == 3
     for n, p in snaps.before[3].items():  # step 3 changed nothing ...
         assert torch.equal(p, snaps.before[4][n]), n
     assert any(  # ... and training went on around it
@@ -92,7 +99,8 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught(synthetic_root):
     module = _module(InfGrad, nonfinite="skip")
     trainer = quiet_cpu_trainer(max_steps=4)
     trainer.fit(module, datamodule=_data())
-    assert int(module.nonfinite_steps) == 1 and int(module.nonfinite_first_step) == 2
+    guard = _guard(trainer)
+    assert int(guard.steps) == 1 and int(guard.first_step) == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
@@ -101,7 +109,7 @@ def test_mixed_precision_trains_clean_on_cpu(synthetic_root, precision):
     module = _module(SCLIPModule)
     trainer = quiet_cpu_trainer(max_steps=4, precision=precision)
     trainer.fit(module, datamodule=_data())
-    assert int(module.nonfinite_steps) == 0
+    assert int(_guard(trainer).steps) == 0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(torch.isfinite(p).all() for p in module.parameters())
 

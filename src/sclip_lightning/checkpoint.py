@@ -1,16 +1,20 @@
-"""Crash-safe checkpoint files: write aside, flush to disk, then rename over the target."""
+"""Checkpoints: crash-safe files (write aside, flush to disk, then rename over the target)
+and the random states a bit-identical resume needs."""
 
 from __future__ import annotations
 
 import io
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -57,3 +61,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+
+class RandomStateCheckpoint(Callback):
+    """Saves the random states in every checkpoint and restores them on resume.
+
+    Torch (CPU and CUDA), NumPy and Python's ``random`` are restored, so a run resumed from a
+    checkpoint draws what the original run would have (with the data module's resumable
+    order: the same batches, the same augmentations). States are stored as tensors and plain
+    numbers (a checkpoint stays loadable with ``weights_only=True``). Installed by
+    :class:`~sclip_lightning.SCLIPModule`.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return "RandomStateCheckpoint"
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sclip_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state_to_tensors(tuple(np.random.get_state())),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("sclip_rng")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+        random.setstate(state["python"])
+
+
+def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
+    """NumPy's legacy RNG state as tensors and numbers (loadable with ``weights_only``)."""
+    name, keys, pos, has_gauss, gauss = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+
+
+def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]

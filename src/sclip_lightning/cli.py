@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from sclip_lightning.data.datamodule import SCLIPDataModule  # noqa: E402
-from sclip_lightning.module import SCLIPModule  # noqa: E402
+from sclip_lightning.module import RUNTIME_OPTIONS, SCLIPModule  # noqa: E402
 
 
 class SCLIPCLI(LightningCLI):
@@ -41,6 +41,20 @@ class SCLIPCLI(LightningCLI):
                 raise
             raise SystemExit(f"sclip: configuration error: {err}") from None
 
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, Lightning re-reads the module's hyperparameters from the
+        checkpoint over the given config. That is right for the model, wrong for options
+        that describe this run (where results go, evaluation budgets): those keep the value
+        given now (``RUNTIME_OPTIONS``)."""
+        sub = self.config.get("subcommand")
+        init = self.config[sub].get("model", {}).get("init_args") if sub else None
+        given = {k: init.get(k) for k in RUNTIME_OPTIONS} if init is not None else {}
+        super()._parse_ckpt_path()
+        init = self.config[sub].get("model", {}).get("init_args") if sub else None
+        if init is not None:
+            for key, value in given.items():
+                init[key] = value
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
         parser.link_arguments("model.init_args.image_size", "data.init_args.image_size")
@@ -58,9 +72,11 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``sclip`` and ``python -m sclip_lightning``."""
-    SCLIPCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> SCLIPCLI:
+    """The ``sclip`` command line. ``run=False`` parses a config (no subcommand) and builds
+    ``cli.model``, ``cli.datamodule`` and ``cli.trainer`` without running anything: what
+    scripts use to train exactly what ``sclip fit --config ...`` would (bench/)."""
+    return SCLIPCLI(
         SCLIPModule,
         SCLIPDataModule,
         subclass_mode_model=True,
@@ -71,7 +87,13 @@ def main(args: list[str] | None = None) -> None:
         },
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``sclip`` and ``python -m sclip_lightning``."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,27 @@ def open_clip_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's content, loaded with ``weights_only=True`` (tensors, numbers, strings,
+    containers: never code). SCLIPModule checkpoints hold nothing else.
+
+    Raises:
+        ValueError: the file holds pickled Python objects; loading them could run code.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {path}: it holds pickled Python objects, and unpickling an "
+            "untrusted checkpoint can run arbitrary code (torch.load weights_only=True said: "
+            f"{str(e).splitlines()[0]}). Checkpoints written by SCLIPModule hold only tensors "
+            "and plain values; if you trust this file, load it yourself with "
+            "torch.load(..., weights_only=False) and save its 'state_dict'."
+        ) from None
+
+
 def export(checkpoint_path: str | Path, out_path: str | Path) -> Path:
     """Write ``out_path`` (open_clip state dict) and ``out_path.json`` (model name, config)."""
     import open_clip
@@ -39,7 +60,7 @@ def export(checkpoint_path: str | Path, out_path: str | Path) -> Path:
     ckpt_path = Path(checkpoint_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
     state = open_clip_state_dict(ckpt)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,16 @@ the demo) with ``open_clip.add_model_config`` on import.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered: set[str] = set()
@@ -71,6 +76,13 @@ def offline_model_config(image_size: int = 224, context_length: int = 64) -> dic
     }
 
 
+def cache_dir() -> Path:
+    """The package's cache folder: ``$SCLIP_CACHE`` (default ``~/.cache/sclip_lightning``)."""
+    import os
+
+    return Path(os.environ.get("SCLIP_CACHE") or Path.home() / ".cache" / "sclip_lightning")
+
+
 def register_offline_model() -> None:
     """Write :data:`OFFLINE_MODEL`'s JSON into the cache and register it with open_clip."""
     import json
@@ -78,8 +90,7 @@ def register_offline_model() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    base = Path(os.environ.get("SCLIP_CACHE") or Path.home() / ".cache" / "sclip_lightning")
-    path = base / "model_configs" / f"{OFFLINE_MODEL}.json"
+    path = cache_dir() / "model_configs" / f"{OFFLINE_MODEL}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(offline_model_config(), indent=2)
     if not path.is_file() or path.read_text() != text:
@@ -111,6 +122,38 @@ def load_offline_image_weights(model) -> None:
             raise RuntimeError(f"cannot map checkpoint tensor {ks} {tuple(vs.shape)} to {kd}")
         mapped[kd] = vs
     trunk.load_state_dict(mapped)
+
+
+@contextlib.contextmanager
+def _quiet_tower_loading() -> Iterator[None]:
+    """Silence the two expected messages of building the offline model, for its duration.
+
+    Transformers prints a "LOAD REPORT" listing MiniLM's pooler weights as UNEXPECTED: the
+    checkpoint has a pooler layer that the text tower (mean pooling) does not build. open_clip
+    warns "initialized partially": no CLIP checkpoint was loaded, only the two towers, and the
+    projections are new by design. :func:`build_model` logs one line saying so instead.
+    """
+
+    class _Partial(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "initialized partially" not in record.getMessage()
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root = logging.getLogger()
+    partial = _Partial()
+    root.addFilter(partial)
+    try:
+        yield
+    finally:
+        root.removeFilter(partial)
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def model_config(model_name: str) -> dict[str, Any]:
@@ -164,8 +207,14 @@ def build_model(
             raise ValueError(f"pretrained='{OFFLINE_TAG}' is only for model_name='{OFFLINE_MODEL}'")
         if image_size is not None:
             kwargs["force_image_size"] = image_size
-        model = open_clip.create_model(model_name, pretrained=None, **kwargs)
+        with _quiet_tower_loading():
+            model = open_clip.create_model(model_name, pretrained=None, **kwargs)
         load_offline_image_weights(model)  # the text tower loaded its own weights
+        log.info(
+            "%s: ImageNet EfficientNet-lite0 and all-MiniLM-L6-v2 loaded (MiniLM's pooler "
+            "weights are unused: the text tower mean-pools); projections start random",
+            model_name,
+        )
         return model
     if pretrained:
         p = Path(pretrained).expanduser()
@@ -189,6 +238,8 @@ def build_model(
     if model_name == OFFLINE_MODEL and not pretrained:
         # a random-init text tower: do not fetch the Hugging Face weights either
         kwargs.setdefault("pretrained_text", False)
+    if model_config(model_name).get("text_cfg", {}).get("hf_model_pretrained") is False:
+        kwargs.setdefault("pretrained_text", False)  # open_clip would override the JSON
     try:
         return open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
     except Exception as e:

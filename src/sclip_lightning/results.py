@@ -78,3 +78,15 @@ def bar_chart(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
+    """Write ``predict``'s rows (path, label_1, score_1, ...) as ``predictions.csv``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "predictions.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -1,0 +1,169 @@
+"""Training callbacks: the non-finite guard."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+NONFINITE = ("raise", "skip")
+
+
+class NonFiniteGuard(L.Callback):
+    """Cancel the optimiser update of a step whose loss or gradient is not finite.
+
+    The check runs on the device (no host sync per step): the loss terms the module left in
+    ``last_loss_terms`` and the gradients of the parameters the optimiser steps. With an
+    optimiser that accepts ``found_inf`` (fused AdamW, the module's default) the update is
+    skipped inside its kernel; otherwise the gradients are dropped after a host check. Under
+    ``16-mixed`` the GradScaler owns gradient overflow (it skips and rescales), so only the
+    loss is checked. Under DDP every rank skips the same steps.
+
+    The host reads the device-side record every ``check_every_n_steps`` steps (None: the
+    trainer's ``log_every_n_steps``), at every epoch end, at the end of training and before
+    every checkpoint (a checkpoint never follows an unreported blow-up). Installed by
+    :class:`~sclip_lightning.SCLIPModule` (``nonfinite``, ``nonfinite_check_every_n_steps``);
+    its record is saved in checkpoints.
+
+    Args:
+        mode: ``"raise"`` stops with an error naming the first such step and its loss terms;
+            ``"skip"`` goes on, counts the skipped steps (``train/nonfinite_steps``) and warns.
+        check_every_n_steps: how often the host reads the record.
+    """
+
+    def __init__(self, mode: str = "raise", check_every_n_steps: int | None = None) -> None:
+        if mode not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {mode!r}")
+        self.mode = mode
+        self.check_every_n_steps = check_every_n_steps
+        self.first_step: torch.Tensor = torch.tensor(-1)  # device-side record
+        self.first_terms: torch.Tensor = torch.zeros(0)
+        self.steps: torch.Tensor = torch.tensor(0)
+        self.term_names: tuple[str, ...] = ()
+        self._reported = 0
+
+    @property
+    def state_key(self) -> str:
+        return "NonFiniteGuard"
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        terms_by_name: dict[str, torch.Tensor] = getattr(pl_module, "last_loss_terms", {}) or {}
+        device = pl_module.device
+        names = tuple(terms_by_name)
+        terms = (
+            torch.stack([v.detach().float() for v in terms_by_name.values()])
+            if terms_by_name
+            else torch.zeros(0, device=device)
+        )
+        bad = (~torch.isfinite(terms)).any().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            stepped = (p for group in optimizer.param_groups for p in group["params"])
+            bad = torch.maximum(bad, _nonfinite_grads(stepped, bad.device))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+        flag = bad > 0
+        self._record(flag, terms, names, trainer.global_step)
+        if getattr(pl_module, "logs_this_step", lambda: True)():
+            pl_module.log("train/nonfinite_steps", self.steps.float(), batch_size=1)
+        if scaler is not None:
+            return
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = bad  # type: ignore[attr-defined]
+        elif bool(flag):  # host sync: only for optimisers without found_inf support
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def _record(
+        self, flag: torch.Tensor, terms: torch.Tensor, names: tuple[str, ...], step: int
+    ) -> None:
+        device = flag.device
+        self.first_step = self.first_step.to(device)
+        self.steps = self.steps.to(device)
+        if self.first_terms.shape != terms.shape:  # the module's terms (subclasses add some)
+            self.first_terms = torch.zeros_like(terms)
+        self.first_terms = self.first_terms.to(device)
+        self.term_names = names
+        new = flag & (self.first_step < 0)
+        self.first_step = torch.where(new, torch.as_tensor(step, device=device), self.first_step)
+        self.first_terms = torch.where(new, terms, self.first_terms)
+        self.steps = self.steps + flag.long()
+
+    def check(self) -> None:
+        """Read the device-side record (one host sync); raise or warn per ``mode``."""
+        first = int(self.first_step)
+        if first < 0:
+            return
+        terms = ", ".join(
+            f"{n}={v:.4g}" for n, v in zip(self.term_names, self.first_terms.tolist(), strict=False)
+        )
+        if self.mode == "raise":
+            raise FloatingPointError(
+                f"non-finite loss or gradient at training step {first} ({terms}); its update "
+                "was not applied. Lower the learning rate, check the data of that step, use "
+                "objective='recommended' (bounded keyword weights), or set "
+                "model.nonfinite='skip' to skip such steps and count them."
+            )
+        count = int(self.steps)
+        if count > self._reported:
+            log.warning(
+                "skipped %d training step(s) with a non-finite loss or gradient so far "
+                "(first: step %d, %s)",
+                count,
+                first,
+                terms,
+            )
+            self._reported = count
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        every: int = self.check_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50
+        if trainer.global_step % max(1, every) == 0:
+            self.check()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.training:
+            self.check()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "first_step": self.first_step.cpu(),
+            "first_terms": self.first_terms.cpu(),
+            "steps": self.steps.cpu(),
+            "term_names": list(self.term_names),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.first_step = state_dict["first_step"]
+        self.first_terms = state_dict["first_terms"]
+        self.steps = state_dict["steps"]
+        self.term_names = tuple(state_dict.get("term_names", ()))
+
+
+def _nonfinite_grads(params: Any, device: torch.device) -> torch.Tensor:
+    """1.0 if any gradient holds a NaN or Inf, else 0.0, as a device tensor (no host sync)."""
+    found = torch.zeros((), device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for (dev, _), grads in groups.items():
+        local = torch.zeros((), device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, local, torch.ones((), device=dev))
+        found = torch.maximum(found, local.to(device))
+    return found

@@ -1,0 +1,182 @@
+"""Zero-shot classification and image-text retrieval over several evaluation sets.
+
+:class:`Evaluation` collects features batch by batch (from a Trainer's evaluation loop or
+from your own loop over features: no Trainer needed), then :meth:`Evaluation.compute`
+scores every set. Under DDP every rank's rows are gathered with tensor collectives (padded
+to the largest rank, gathered, padding dropped), and samples that a distributed sampler
+repeated to even out the ranks are counted once (by their dataset index), so each rank
+returns exactly the numbers one process would compute over the whole set. Retrieval is
+chunked (:mod:`sclip_lightning.metrics`): the full image x caption matrix never exists.
+All numbers are percentages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sclip_lightning import distributed
+from sclip_lightning.metrics import retrieval_recall
+
+
+@dataclass
+class EvalSpec:
+    """One evaluation set: its name (the data set's), what it measures, for zero-shot its
+    class names and prompt templates, and the split it reads."""
+
+    name: str
+    kind: str  # "zeroshot" | "retrieval" | "predict"
+    classes: list[str] | None = None
+    templates: list[str] | None = None
+    split: str = ""
+
+
+class Evaluation:
+    """One evaluation pass over ``specs`` (zero-shot and retrieval sets).
+
+    Args:
+        specs: the sets, in dataloader order.
+        class_features: ``{set position: (C, D) normalised class embeddings}`` of the
+            zero-shot sets.
+        max_elements: similarity-block budget of the chunked retrieval.
+        top_k: the second accuracy reported for zero-shot sets (top-1 always).
+        device: where retrieval similarities are computed (features are kept on the CPU
+            between batches).
+    """
+
+    def __init__(
+        self,
+        specs: list[EvalSpec],
+        class_features: dict[int, torch.Tensor] | None = None,
+        max_elements: int = 1 << 24,
+        top_k: int = 5,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.specs = specs
+        self.class_features = class_features or {}
+        self.max_elements = max_elements
+        self.top_k = top_k
+        self.device = torch.device(device)
+        self._parts: dict[int, dict[str, list[torch.Tensor]]] = {}
+        for i, spec in enumerate(specs):
+            if spec.kind == "zeroshot" and i not in self.class_features:
+                raise ValueError(f"zero-shot set {spec.name!r} needs its class features")
+
+    def _store(self, i: int, **rows: torch.Tensor) -> None:
+        store = self._parts.setdefault(i, {k: [] for k in rows})
+        for k, v in rows.items():
+            store[k].append(v.detach().cpu())
+
+    @torch.no_grad()
+    def add_zeroshot(
+        self, i: int, image_features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> None:
+        """Score a batch of set ``i``: (B, D) normalised features, (B,) labels, (B,) indices."""
+        weights = self.class_features[i].to(image_features.device, image_features.dtype)
+        logits = image_features @ weights.T
+        k = min(self.top_k, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top == labels.to(top.device)[:, None]
+        self._store(i, index=index, top1=hits[:, 0], topk=hits.any(dim=1))
+
+    def add_retrieval(
+        self,
+        i: int,
+        image_features: torch.Tensor,
+        index: torch.Tensor,
+        text_features: torch.Tensor,
+        text_image: torch.Tensor,
+    ) -> None:
+        """Add a batch of set ``i``: (B, D) image features and their dataset indices, (M, D)
+        caption features and the dataset index of each caption's image."""
+        self._store(i, image=image_features, index=index, text=text_features, owner=text_image)
+
+    def compute(self) -> list[dict[str, Any]]:
+        """One row per set: ``{"dataset", "split", "task", "top1", "top5"}`` or recall@k both
+        ways and ``mean_R``, all in percent. Collective under DDP: call it on every rank.
+
+        Memory: the collected rows are handed over (the evaluation is empty afterwards) and
+        gathered chunk by chunk into one tensor per field; repeated samples are dropped in
+        place. A rank holds the set's features once plus one similarity block of the
+        chunked retrieval, as a single process does."""
+        rows = []
+        for i, spec in enumerate(self.specs):
+            collected = self._parts.pop(i, {})
+            parts = {k: distributed.gather_rows(collected.pop(k)) for k in list(collected)}
+            head = {"dataset": spec.name, "split": spec.split}
+            if spec.kind == "zeroshot":
+                row = {**head, "task": "zero-shot", **self._zeroshot(parts)}
+            else:
+                row = {**head, "task": "retrieval", **self._retrieval(parts)}
+            rows.append(row)
+        return rows
+
+    def _zeroshot(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not parts:
+            return {}
+        _, first = unique_first(parts["index"])
+        return {
+            "top1": 100.0 * parts["top1"][first].float().mean().item(),
+            f"top{self.top_k}": 100.0 * parts["topk"][first].float().mean().item(),
+        }
+
+    def _retrieval(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Recall@k of one set; ``parts`` is consumed (its features are compacted in place)."""
+        if not parts:
+            return {}
+        index, owner = parts.pop("index"), parts.pop("owner")
+        _, first = unique_first(index)
+        kept = first.sort().values  # first copy of each image, in row order
+        position = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+        position[index[kept]] = torch.arange(kept.numel())
+        captions = captions_of_first_copy(owner, index).nonzero().squeeze(1)
+        images = compact_rows(parts.pop("image"), kept)
+        texts = compact_rows(parts.pop("text"), captions)
+        owner = position[owner[captions]]
+        return retrieval_recall(
+            images.float().to(self.device),
+            texts.float().to(self.device),
+            owner.to(self.device),
+            max_elements=self.max_elements,
+        )
+
+
+def compact_rows(x: torch.Tensor, keep: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """``x[keep]`` for ascending row positions ``keep``, computed in place in blocks of rows
+    (a view of ``x``'s first ``len(keep)`` rows; no full-size copy). ``x`` is overwritten."""
+    if keep.numel() == x.shape[0]:
+        return x  # nothing to drop (ascending and complete: keep is 0..n-1)
+    for s in range(0, keep.numel(), block):
+        # keep[j] >= j: every source row is read before a later block overwrites it
+        src = keep[s : s + block]
+        x[s : s + src.numel()] = x[src]
+    return x[: keep.numel()]
+
+
+def unique_first(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values of ``idx`` and the position of the first occurrence of each."""
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    first = torch.full((uniq.numel(),), idx.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(idx.numel()), "amin")
+    return uniq, first
+
+
+def captions_of_first_copy(owner: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mask keeping each image's captions once when distributed samplers repeated the image.
+
+    An image seen ``c`` times contributed ``c * n`` captions; keep the first ``n``.
+    """
+    copies = torch.bincount(idx)
+    if int(copies.max()) <= 1:
+        return torch.ones(owner.numel(), dtype=torch.bool)
+    order = torch.sort(owner, stable=True).indices
+    sorted_owner = owner[order]
+    per_owner = torch.bincount(owner, minlength=copies.numel())
+    group_start = torch.cumsum(per_owner, 0) - per_owner
+    rank_in_group = torch.arange(owner.numel()) - group_start[sorted_owner]
+    n_captions = per_owner // copies.clamp_min(1)
+    keep = torch.zeros(owner.numel(), dtype=torch.bool)
+    keep[order] = rank_in_group < n_captions[sorted_owner]
+    return keep
