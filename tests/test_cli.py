@@ -19,7 +19,34 @@ from fixtures import (
 
 from sclip_lightning.cli import main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+BASE = CONFIG_DIR / "paper" / "base.yaml"
+DEMO = CONFIG_DIR / "demo.yaml"
+#: every config as it is used: the paper's experiments on top of their shared base (S-CLIP,
+#: and one with the baseline's one-line override), the demo, the rsicd-mini protocols
+RUNS = {
+    **{
+        f"paper/{p.stem}": [BASE, p]
+        for p in sorted((CONFIG_DIR / "paper").glob("*.yaml"))
+        if p != BASE
+    },
+    "demo": [DEMO],
+    "real/rsicd_mini_lit": [CONFIG_DIR / "real" / "rsicd_mini_lit.yaml"],
+    "shards/rs_unpaired_shards": [
+        BASE,
+        CONFIG_DIR / "paper" / "rs_rsicd.yaml",
+        CONFIG_DIR / "shards" / "rs_unpaired_shards.yaml",
+    ],
+    "real/rsicd_mini_finetune": [
+        CONFIG_DIR / "real" / "rsicd_mini_lit.yaml",
+        CONFIG_DIR / "real" / "rsicd_mini_finetune.yaml",
+    ],
+}
+
+
+def test_every_config_file_is_exercised():
+    used = {p for files in RUNS.values() for p in files}
+    assert set(CONFIG_DIR.rglob("*.yaml")) == used
 
 
 def test_sclip_help_runs():
@@ -46,9 +73,9 @@ def test_model_help_documents_arguments(capsys):
     assert "Sinkhorn" in text or "sinkhorn" in text
 
 
-def _data_overrides(cfg: Path, tmp_path: Path) -> list[str]:
-    """Write fixture data in the config's native layout; return the root overrides."""
-    text = cfg.read_text()
+def _data_overrides(cfgs: list[Path], tmp_path: Path) -> list[str]:
+    """Write fixture data in the configs' native layout; return the root overrides."""
+    text = "\n".join(c.read_text() for c in cfgs)
     big = {"train": 60, "val": 8, "test": 8}
     out: list[str] = []
     if "dataset: rsicd" in text:
@@ -75,18 +102,41 @@ def _data_overrides(cfg: Path, tmp_path: Path) -> list[str]:
     if "unpaired_dataset: class_folder" in text:
         chars = write_class_folder(tmp_path / "chars", per_class=3, classes=["homer", "marge"])
         out.append(f"--data.init_args.unpaired_root={chars}")
+    if "unpaired_dataset: webdataset" in text:
+        from fixtures import write_shards
+
+        out.append(f"--data.init_args.unpaired_root={write_shards(tmp_path / 'shards')}")
     if "dataset: scicap" in text:
         out.append(f"--data.init_args.root={write_scicap(tmp_path / 'scicap', n=45)}")
     return out
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_config_fits_and_tests(cfg, tmp_path):
+def _model_overrides(name: str, tiny_lit) -> list[str]:
+    if name.startswith("real/"):  # the LiT protocol: the tiny timm + HF model, locked, cached
+        _, folder = tiny_lit
+        return [
+            "--model.init_args.model_name=sclip-tiny-lit",
+            f"--model.init_args.model_config_dir={folder}",
+            "--model.init_args.image_size=null",
+            "--model.init_args.pretrained=null",
+            "--model.init_args.tower_cache_dir=null",
+            "--data.init_args.keywords=mine",
+            "--data.init_args.num_keywords=5",
+        ]
+    return ["--model.init_args.model_name=sclip-tiny", "--model.init_args.pretrained=null"]
+
+
+@pytest.mark.parametrize(
+    "name,method",
+    [(n, "sclip") for n in RUNS] + [("paper/rs_rsicd", "clip")],
+    ids=[n for n in RUNS] + ["paper/rs_rsicd+clip"],
+)
+def test_every_config_fits_and_tests(name, method, tmp_path, tiny_lit):
+    cfgs = RUNS[name]
     common = [
-        "--config",
-        str(cfg),
-        "--model.init_args.model_name=sclip-tiny",
-        "--model.init_args.pretrained=null",
+        *(arg for c in cfgs for arg in ("--config", str(c))),
+        *_model_overrides(name, tiny_lit),
+        f"--model.init_args.method={method}",
         "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=4",
         "--data.init_args.unpaired_batch_size=4",
@@ -96,7 +146,7 @@ def test_every_config_fits_and_tests(cfg, tmp_path):
         "--trainer.precision=32-true",
         f"--trainer.default_root_dir={tmp_path}",
         f"--model.init_args.results_dir={tmp_path / 'results'}",
-        *_data_overrides(cfg, tmp_path),
+        *_data_overrides(cfgs, tmp_path),
     ]
     main(["fit", *common, "--trainer.fast_dev_run=2"])
     main(["test", *common, "--trainer.fast_dev_run=2"])
@@ -111,7 +161,7 @@ def test_predict_writes_top_k_csv(synthetic_root, tmp_path):
         [
             "predict",
             "--config",
-            str(CONFIGS[0].parent / "demo_sclip.yaml"),
+            str(DEMO),
             "--model.init_args.model_name=sclip-tiny",
             "--model.init_args.predict_top_k=3",
             f"--model.init_args.results_dir={tmp_path}",
@@ -131,21 +181,23 @@ def test_predict_writes_top_k_csv(synthetic_root, tmp_path):
 
 
 def test_fit_then_test_from_checkpoint(synthetic_root, tmp_path):
+    """`sclip test --ckpt_path` honours the results_dir given now (the checkpoint holds the
+    one of the fit run): options that describe a run are never read back from a checkpoint."""
     common = [
         "--config",
-        str(CONFIGS[0].parent / "demo_sclip.yaml"),
+        str(DEMO),
         "--model.init_args.model_name=sclip-tiny",
         "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=8",
         "--data.init_args.unpaired_batch_size=8",
         "--trainer.accelerator=cpu",
         f"--trainer.default_root_dir={tmp_path}",
-        f"--model.init_args.results_dir={tmp_path / 'res'}",
     ]
     main(
         [
             "fit",
             *common,
+            f"--model.init_args.results_dir={tmp_path / 'res_fit'}",
             "--trainer.max_steps=4",
             "--trainer.val_check_interval=2",
             "--trainer.limit_val_batches=1",
@@ -153,5 +205,13 @@ def test_fit_then_test_from_checkpoint(synthetic_root, tmp_path):
     )
     ckpts = sorted(tmp_path.rglob("last.ckpt"))
     assert ckpts, list(tmp_path.rglob("*"))
-    main(["test", *common, f"--ckpt_path={ckpts[0]}"])
-    assert "zero-shot" in (tmp_path / "res" / "results.md").read_text()
+    main(
+        [
+            "test",
+            *common,
+            f"--model.init_args.results_dir={tmp_path / 'res_test'}",
+            f"--ckpt_path={ckpts[0]}",
+        ]
+    )
+    assert "zero-shot" in (tmp_path / "res_test" / "results.md").read_text()
+    assert not (tmp_path / "res_fit").exists()
