@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow lint format typecheck demo bench real-benchmark clean
+.PHONY: install test test-slow lint format typecheck demo bench bench-shards bench-memory real-benchmark real-benchmark-finetune clean
 
 install:  ## create .venv and install the package with dev + offline extras
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,17 @@ bench:  ## loss and training-step benchmarks (ratios against baselines in the sa
 	$(PYTHON) bench/step.py
 	@if [ -f ../shared/data/rsicd-mini/dataset_rsicd.json ]; then $(PYTHON) bench/data.py; else echo "bench/data.py skipped: ../shared/data/rsicd-mini not found"; fi
 
-real-benchmark:  ## rsicd-mini from the offline towers: CLIP 10% / S-CLIP 10% / CLIP 100%, 3 seeds
+bench-shards:  ## WebDataset shard loader vs folder loader, 100k synthetic images (written once)
+	$(PYTHON) bench/shards.py --out docs/shards.json
+
+bench-memory:  ## peak RSS of retrieval evaluation, 50k images x 250k captions, 1 process and 2 DDP ranks
+	$(PYTHON) bench/retrieval_memory.py --ranks 1 2
+
+real-benchmark:  ## rsicd-mini, offline towers locked + cached, through sclip fit/test: 7 methods, grid on val, 3 seeds on test
 	$(PYTHON) bench/real_benchmark.py --out docs
+
+real-benchmark-finetune:  ## rsicd-mini, image tower's top blocks unlocked (cached below them): CLIP vs S-CLIP with/without bank
+	$(PYTHON) bench/real_benchmark.py --protocol finetune --steps 500 --lrs 3e-4 1e-4 --out docs
 
 clean:
 	rm -rf outputs lightning_logs .pytest_cache .ruff_cache .mypy_cache

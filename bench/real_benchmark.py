@@ -52,12 +52,7 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "CLIP 100% (ceiling)": {"model.init_args.method": "clip", "data.init_args.label_ratio": 1.0},
 }
-FINETUNE_METHODS = [
-    "CLIP 10%",
-    "S-CLIP 10%, 32+32",
-    "S-CLIP 10%, 32+32, bank all pairs",
-    "S-CLIP 10%, 32+32, bank all pairs, unbalanced OT",
-]
+FINETUNE_METHODS = ["CLIP 10%", "S-CLIP 10%, 32+32", "S-CLIP 10%, 32+32, bank all pairs"]
 BANK = {"model.init_args.support_bank_size": -1}
 #: --diagnostics: one change at a time around S-CLIP 32+32 with the bank of all pairs, at one
 #: fixed learning rate (--diagnostics-lr), 3 seeds on test: why the bank helps or does not

@@ -99,8 +99,8 @@ def _same(a, b, where: str) -> None:
 
 @pytest.mark.parametrize(
     "bank, unpaired",
-    [(0, "folder"), (-1, "folder"), (0, "shards")],
-    ids=["no_bank", "bank_all_pairs", "unpaired_from_shards"],
+    [(0, "folder"), (-1, "shards")],
+    ids=["no_bank", "bank_all_pairs_unpaired_from_shards"],
 )
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
     synthetic_root, tmp_path, bank, unpaired

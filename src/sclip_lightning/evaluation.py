@@ -6,7 +6,8 @@ scores every set. Under DDP every rank's rows are gathered with tensor collectiv
 to the largest rank, gathered, padding dropped), and samples that a distributed sampler
 repeated to even out the ranks are counted once (by their dataset index), so each rank
 returns exactly the numbers one process would compute over the whole set. Retrieval is
-chunked (:mod:`sclip_lightning.metrics`): the full image x caption matrix never exists.
+chunked (:mod:`sclip_lightning.metrics`): the full image x caption matrix never exists;
+under DDP each rank ranks its share of the queries.
 All numbers are percentages.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from sclip_lightning import distributed
-from sclip_lightning.metrics import retrieval_recall
+from sclip_lightning.metrics import recall_from_ranks, retrieval_ranks
 
 
 @dataclass
@@ -135,11 +136,18 @@ class Evaluation:
         images = compact_rows(parts.pop("image"), kept)
         texts = compact_rows(parts.pop("text"), captions)
         owner = position[owner[captions]]
-        return retrieval_recall(
-            images.float().to(self.device),
-            texts.float().to(self.device),
-            owner.to(self.device),
-            max_elements=self.max_elements,
+        images, texts = images.float().to(self.device), texts.float().to(self.device)
+        world, me = distributed.world_size(), distributed.rank()
+        n, m = images.shape[0], texts.shape[0]
+        # each rank ranks its share of the queries against everything, then the ranks of
+        # the queries are gathered: the same numbers as one process, 1/world of the work
+        i2t, t2i = retrieval_ranks(
+            images, texts, owner.to(self.device), self.max_elements,
+            images=(me * n // world, (me + 1) * n // world),
+            texts=(me * m // world, (me + 1) * m // world),
+        )  # fmt: skip
+        return recall_from_ranks(
+            distributed.gather_rows(i2t.cpu()), distributed.gather_rows(t2i.cpu())
         )
 
 
