@@ -40,10 +40,10 @@ bench:  ## loss and training-step benchmarks (ratios against baselines in the sa
 	@if [ -f ../shared/data/rsicd-mini/dataset_rsicd.json ]; then $(PYTHON) bench/data.py; else echo "bench/data.py skipped: ../shared/data/rsicd-mini not found"; fi
 
 bench-shards:  ## WebDataset shard loader vs folder loader, 100k synthetic images (written once)
-	$(PYTHON) bench/shards.py --out docs/shards.json
+	$(PYTHON) bench/shards.py --batches 100 --out docs/shards.json
 
 bench-memory:  ## peak RSS of retrieval evaluation, 50k images x 250k captions, 1 process and 2 DDP ranks
-	$(PYTHON) bench/retrieval_memory.py --ranks 1 2
+	$(PYTHON) bench/retrieval_memory.py --ranks 1 2 --dim 128
 
 real-benchmark:  ## rsicd-mini, offline towers locked + cached, through sclip fit/test: 7 methods, grid on val, 3 seeds on test
 	$(PYTHON) bench/real_benchmark.py --out docs
