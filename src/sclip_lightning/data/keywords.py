@@ -173,11 +173,3 @@ class KeywordMatcher:
         if not captions:
             return torch.zeros(0, len(self.keywords), dtype=torch.bool)
         return torch.stack([self(c) for c in captions])
-
-    def coverage(self, captions: Iterable[str]) -> tuple[int, int]:
-        """(captions with at least one keyword, captions in all)."""
-        hit = total = 0
-        for c in captions:
-            total += 1
-            hit += bool(self(c).any())
-        return hit, total

@@ -68,11 +68,6 @@ class SupportBank(nn.Module):
             )
         self.capacity = int(capacity)
 
-    def reset(self) -> None:
-        """Empty the bank."""
-        self.state = {}
-        self.pointer = 0
-
     # ------------------------------------------------------------------ use
     def support(
         self,
@@ -210,10 +205,6 @@ class SupportBank(nn.Module):
         self.capacity = state.get("capacity", self.capacity)
         self.pointer = int(state.get("pointer", 0))
         self.state = dict(state.get("state", {}))
-
-    def memory_bytes(self) -> int:
-        """Bytes held by the bank now."""
-        return sum(v.numel() * v.element_size() for v in self.state.values())
 
     def extra_repr(self) -> str:
         filled = int((self.state["ids"] != -1).sum()) if self.state else 0
