@@ -50,14 +50,14 @@ def retrieval_ranks(
         pos = torch.full((c,), float("-inf"), device=sims.device, dtype=sims.dtype)
         rows = text_image[own] - s
         pos = pos.scatter_reduce(0, rows, sims[rows, own.nonzero().squeeze(1)], "amax")
-        i2t[s - i0 : s - i0 + c] = (sims > pos[:, None]).sum(dim=1)
+        i2t[s - i0 : s - i0 + c] = (sims > pos[:, None]).sum(dim=1, dtype=torch.int32)
     t2i = torch.empty(t1 - t0, dtype=torch.long, device=image_features.device)
     step = _chunk(n, max_elements)
     for s in range(t0, t1, step):
         sims = text_features[s : min(s + step, t1)] @ image_features.T  # (c, N)
         c = sims.shape[0]
         pos = sims.gather(1, text_image[s : s + c, None])
-        t2i[s - t0 : s - t0 + c] = (sims > pos).sum(dim=1)
+        t2i[s - t0 : s - t0 + c] = (sims > pos).sum(dim=1, dtype=torch.int32)
     return i2t, t2i
 
 
