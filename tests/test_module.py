@@ -274,6 +274,7 @@ def test_eval_deduplicates_images_repeated_by_distributed_samplers():
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # 50 s of fresh processes: `make test-slow` (make test stays under 15 min)
 def test_retrieval_evaluation_memory_stays_within_its_stated_bound():
     """bench/retrieval_memory.py at a small scale, one process and 2 DDP ranks (fresh
     processes: peak RSS is per process): every rank within the bound (which the full 4k x 20k
