@@ -77,15 +77,7 @@ class PairedTrainSet(Dataset):
     def _get(self, i: int) -> dict[str, Any]:
         index = self.indices[i]
         cached = self.outputs
-        if cached.images is not None:  # frozen image-tower outputs instead of pixels
-            assert cached.image_source is not None
-            source = int(cached.image_source[index])
-            item = _record(self.base, source)
-            image = cached.images[index]
-        else:
-            item = self.base[index]
-            image = self.transform(item["image"])
-            source = _source_of(self.base, item, index)
+        item, image, source = _captioned_image(self.base, cached, self.transform, index)
         caps = item["captions"]
         j = int(torch.randint(len(caps), ()).item()) if self.caption_sampling == "random" else 0
         caption = caps[j]
@@ -188,15 +180,7 @@ class RetrievalSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         cached = self.outputs
-        if cached.images is not None:
-            assert cached.image_source is not None
-            source = int(cached.image_source[i])
-            item = _record(self.base, source)
-            image = cached.images[i]
-        else:
-            item = self.base[i]
-            image = self.transform(item["image"])
-            source = _source_of(self.base, item, i)
+        item, image, source = _captioned_image(self.base, cached, self.transform, i)
         caps = item["captions"]
         rows = list(range(len(caps)))
         if self.protocol == "one":
@@ -216,6 +200,20 @@ def _record(base, index: int) -> dict[str, Any]:
     if labels is not None:
         rec["label"] = labels[index]
     return rec
+
+
+def _captioned_image(
+    base, outputs: TowerOutputs, transform, index: int
+) -> tuple[dict[str, Any], torch.Tensor, int]:
+    """``(record, image, source)`` of captioned record ``index``: the frozen image tower's
+    cached output when there is one (the record then read without its image), else the
+    transformed pixels; ``source`` is the record actually read."""
+    if outputs.images is not None:
+        assert outputs.image_source is not None
+        source = int(outputs.image_source[index])
+        return _record(base, source), outputs.images[index], source
+    item = base[index]
+    return item, transform(item["image"]), _source_of(base, item, index)
 
 
 def _source_of(base, item: dict[str, Any], index: int) -> int:
