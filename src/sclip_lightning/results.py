@@ -49,29 +49,45 @@ def bar_chart(
     title: str = "",
     ylabel: str = "%",
 ) -> Path:
-    """Grouped bar chart (one group per metric, one bar per method) saved as PNG."""
+    """One panel per metric (``groups``), one horizontal bar per method, saved as PNG.
+
+    Each panel has its own scale from 0, so a 5-point recall and an 80-point accuracy are
+    both readable; the methods are named once, on the left, in the order given, and a dashed
+    line marks the first method's value (the baseline) in every panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    x = np.arange(len(groups))
-    width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 2), 4), dpi=120)
-    for i, (name, vals) in enumerate(series.items()):
-        err = errors.get(name) if errors else None
-        bars = ax.bar(
-            x + (i - (len(series) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=name
-        )
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-    ax.set_xticks(x, groups, rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    top = max((max(v) for v in series.values() if len(v)), default=1.0)
-    ax.set_ylim(0, top * (1.3 + 0.1 * len(series)))  # headroom for the legend above the bars
-    ax.legend(loc="upper right", fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    names = list(series)
+    y = np.arange(len(names))[::-1]  # first method on top
+    colours = [f"C{i % 10}" for i in range(len(names))]
+    fig, axes = plt.subplots(
+        1,
+        len(groups),
+        figsize=(2.2 * len(groups) + 2.8, 0.42 * len(names) + 1.3),
+        dpi=120,
+        sharey=True,
+        squeeze=False,
+    )
+    for j, (ax, group) in enumerate(zip(axes[0], groups, strict=True)):
+        vals = [series[n][j] for n in names]
+        err = [errors[n][j] for n in names] if errors else None
+        ax.barh(y, vals, xerr=err, color=colours, capsize=2, height=0.7)
+        top = max([v + (e if err else 0.0) for v, e in zip(vals, err or vals, strict=True)])
+        for yi, v, e in zip(y, vals, err or [0.0] * len(vals), strict=True):
+            ax.text(v + e + 0.02 * top, yi, f"{v:.1f}", va="center", fontsize=7)
+        ax.axvline(vals[0], color="0.3", linestyle="--", linewidth=0.8)
+        ax.set_xlim(0, max(top, 1e-9) * 1.3)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, names, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
