@@ -17,6 +17,8 @@ Nothing is tuned on a test split.
 
 Usage: python bench/real_benchmark.py [--protocol lit|finetune] [--steps 1000]
        [--lrs 1e-3 1e-4] [--seeds 0 1 2] [--zeroshot rsicd aid=/data/AID] [--out docs]
+       [--diagnostics --diagnostics-lr 1e-4]  (one change at a time, see DIAGNOSTICS)
+       [--replot]  (redraw the chart from the saved .json)
 """
 
 from __future__ import annotations
@@ -73,6 +75,15 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "bank FIFO 480 (support 512)": {"model.init_args.support_bank_size": 480},
     "no bank, 128 unpaired per step": {"data.init_args.unpaired_batch_size": 128},
     "CLIP 10% at batch 128": {"model.init_args.method": "clip", "data.init_args.batch_size": 128},
+}
+#: --protocol finetune --diagnostics: S-CLIP 32+32 with a top block of the image tower training;
+#: the objective options an early prototype of this regime differed in (the plan detached, the
+#: release's linear keyword weights), one at a time; the reference row is the main table's
+FINETUNE_DIAGNOSTICS: dict[str, dict[str, Any]] = {
+    "S-CLIP 32+32, plan detached (detach_plan: true)": {"model.init_args.detach_plan": True},
+    "S-CLIP 32+32, the release's objective (objective: released)": {
+        "model.init_args.objective": "released"
+    },
 }
 #: hidden RSICD class labels, for the logged pseudo-label accuracy only (not seen by the losses)
 LABELS = {
@@ -162,9 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=REPO / "docs")
     p.add_argument("--tag", default=None, help="file stem (default: results_<protocol>)")
     p.add_argument(
-        "--diagnostics", action="store_true", help="run DIAGNOSTICS at --diagnostics-lr instead"
+        "--diagnostics",
+        action="store_true",
+        help="run DIAGNOSTICS (FINETUNE_DIAGNOSTICS with --protocol finetune) at --diagnostics-lr",
     )
     p.add_argument("--diagnostics-lr", type=float, default=1e-4)
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw <out>/<stem>.png from <out>/<stem>.json (no training)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     import logging
@@ -176,6 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"unknown methods {unknown}; known: {list(METHODS)}")
     stem = args.tag or f"results_{args.protocol}"
+    if args.replot:
+        saved = json.loads((args.out / f"{stem}.json").read_text())
+        plot(saved["results"], args.out / f"{stem}.png", args.protocol, len(saved["seeds"]))
+        print(f"written {args.out / stem}.png")
+        return
     if args.diagnostics:
         diagnostics(args, config, stem)
         return
@@ -223,7 +246,7 @@ def diagnostics(args, config, stem) -> None:
 
     t0 = time.time()
     rows = []
-    for name, over in DIAGNOSTICS.items():
+    for name, over in (DIAGNOSTICS if args.protocol == "lit" else FINETUNE_DIAGNOSTICS).items():
         runs = []
         for seed in args.seeds:
             res, sec = run(
@@ -257,7 +280,7 @@ def diagnostics(args, config, stem) -> None:
 
 
 def write_outputs(args, stem, config, names, grid, chosen, results, per_seed, seconds, total):
-    from sclip_lightning.results import bar_chart, markdown_table
+    from sclip_lightning.results import markdown_table
 
     every = list(dict.fromkeys(k for n in names for k in results[n]))
     cols = [k for k in every if k.startswith("zero-shot")] + METRICS
@@ -316,16 +339,24 @@ def write_outputs(args, stem, config, names, grid, chosen, results, per_seed, se
             indent=2,
         )
     )
-    shown = [c for c in cols if c.startswith("zero-shot") and c != "zero-shot mean"][:2]
+    plot(results, args.out / f"{stem}.png", args.protocol, len(args.seeds))
+    print(f"written {args.out / stem}.md, .json, .png; total {total / 60:.1f} min")
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path, protocol: str, seeds: int) -> None:
+    """The chart of a results table: zero-shot top-1 of (up to two) sets, R@1 both ways, mean R."""
+    from sclip_lightning.results import bar_chart
+
+    every = list(dict.fromkeys(k for r in results.values() for k in r))
+    shown = [c for c in every if c.startswith("zero-shot") and c != "zero-shot mean"][:2]
     shown += ["i2t_R@1", "t2i_R@1", "mean_R"]
     bar_chart(
         shown,
-        {n: [results[n][c][0] for c in shown] for n in names},
-        {n: [results[n][c][1] for c in shown] for n in names},
-        args.out / f"{stem}.png",
-        title=f"rsicd-mini test split ({args.protocol}), {len(args.seeds)} seeds",
+        {n: [r[c][0] for c in shown] for n, r in results.items()},
+        {n: [r[c][1] for c in shown] for n, r in results.items()},
+        path,
+        title=f"rsicd-mini test split ({protocol}), {seeds} seeds",
     )
-    print(f"written {args.out / stem}.md, .json, .png; total {total / 60:.1f} min")
 
 
 if __name__ == "__main__":
