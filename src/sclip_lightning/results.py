@@ -74,10 +74,10 @@ def bar_chart(
     )
     for j, (ax, group) in enumerate(zip(axes[0], groups, strict=True)):
         vals = [series[n][j] for n in names]
-        err = [errors[n][j] for n in names] if errors else None
-        ax.barh(y, vals, xerr=err, color=colours, capsize=2, height=0.7)
-        top = max([v + (e if err else 0.0) for v, e in zip(vals, err or vals, strict=True)])
-        for yi, v, e in zip(y, vals, err or [0.0] * len(vals), strict=True):
+        err = [errors[n][j] for n in names] if errors else [0.0] * len(names)
+        ax.barh(y, vals, xerr=err if errors else None, color=colours, capsize=2, height=0.7)
+        top = max(v + e for v, e in zip(vals, err, strict=True))
+        for yi, v, e in zip(y, vals, err, strict=True):
             ax.text(v + e + 0.02 * top, yi, f"{v:.1f}", va="center", fontsize=7)
         ax.axvline(vals[0], color="0.3", linestyle="--", linewidth=0.8)
         ax.set_xlim(0, max(top, 1e-9) * 1.3)
