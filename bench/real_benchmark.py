@@ -279,6 +279,12 @@ def diagnostics(args, config, stem) -> None:
     (args.out / f"{stem}_diagnostics.md").write_text(text)
 
 
+def config_label(config: Path) -> str:
+    """A config's path as written in the outputs: relative to the repository when inside it."""
+    path = config.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def write_outputs(args, stem, config, names, grid, chosen, results, per_seed, seconds, total):
     from sclip_lightning.results import markdown_table
 
@@ -304,7 +310,7 @@ def write_outputs(args, stem, config, names, grid, chosen, results, per_seed, se
     ]
     grid_rows = [{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in g.items()} for g in grid]
     header = (
-        f"# {stem}\n\nconfigs {', '.join(f'`{c.relative_to(REPO)}`' for c in config)}, "
+        f"# {stem}\n\nconfigs {', '.join(f'`{config_label(c)}`' for c in config)}, "
         f"{args.steps} steps, lrs "
         f"{args.lrs}, seeds {args.seeds}; {len(seconds)} runs, {total / 60:.1f} min in all "
         f"(per run {min(seconds):.0f}-{max(seconds):.0f} s)\n\n"
@@ -325,7 +331,7 @@ def write_outputs(args, stem, config, names, grid, chosen, results, per_seed, se
     (args.out / f"{stem}.json").write_text(
         json.dumps(
             {
-                "configs": [str(c.relative_to(REPO)) for c in config],
+                "configs": [config_label(c) for c in config],
                 "steps": args.steps,
                 "lrs": args.lrs,
                 "seeds": args.seeds,

@@ -11,3 +11,50 @@ def test_loss_bench_table(capsys):
     row = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| 8 |")]
     assert len(row) == 1 and len(row[0]) == 11, out  # B, six times, four ratios
     assert all(float(v) > 0 for v in row[0][1:]), out
+
+
+def test_real_benchmark_orchestrates_the_product_at_tiny_size(tmp_path, tiny_lit):
+    """bench/real_benchmark.py end to end on the rsicd protocol config with the tiny towers and
+    fixture data in RSICD's layout: the grid is scored on val, the chosen rate is the best
+    val score, every seed is tested, and the tables, json and chart are written."""
+    import json
+
+    import real_benchmark  # bench/real_benchmark.py
+    from fixtures import write_rsicd
+
+    _, folder = tiny_lit
+    root = write_rsicd(tmp_path / "rsicd", {"train": 60, "val": 8, "test": 8})
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(
+        "trainer:\n  accelerator: cpu\n  precision: 32-true\n"
+        "model:\n  init_args:\n    model_name: sclip-tiny-lit\n"
+        f"    model_config_dir: {folder}\n    image_size: null\n    pretrained: null\n"
+        "    tower_cache_dir: null\n    warmup_steps: 1\n"
+        f"data:\n  init_args:\n    root: {root}\n    keywords: mine\n    num_keywords: 5\n"
+        "    batch_size: 4\n    unpaired_batch_size: 4\n    eval_batch_size: 16\n"
+    )
+    out = tmp_path / "out"
+    methods = ["CLIP 10%", "S-CLIP 10%, 32+32, bank all pairs"]
+    argv = [
+        "--config", str(real_benchmark.LIT), str(tiny), "--steps", "2",
+        "--lrs", "1e-3", "1e-4", "--seeds", "0", "1", "--methods", *methods, "--out", str(out),
+    ]  # fmt: skip
+    real_benchmark.main(argv)
+    saved = json.loads((out / "results_lit.json").read_text())
+    assert list(saved["results"]) == methods
+    for name in methods:
+        grid = [g for g in saved["grid"] if g["method"] == name]
+        assert [float(g["lr"]) for g in grid] == [1e-3, 1e-4]
+        best = max(grid, key=lambda g: g["val score"])
+        assert saved["chosen_lr"][name] == float(best["lr"])
+        assert len(saved["per_seed"][name]) == 2
+        mean, _ = saved["results"][name]["zero-shot rsicd"]
+        assert 0.0 <= mean <= 100.0
+    assert "pseudo-label acc (train)" in saved["results"][methods[1]]
+    table = (out / "results_lit.md").read_text()
+    for name in methods:  # one test-table row per method, at its chosen rate
+        assert f"| {name} | {saved['chosen_lr'][name]:g} |" in table
+    png = out / "results_lit.png"
+    png.unlink()
+    real_benchmark.main([*argv, "--replot"])
+    assert png.is_file()
