@@ -10,7 +10,10 @@ Protocol (docs/results.md):
 - methods: CLIP at 10% pairs, S-CLIP at 32+32 and 128+128, S-CLIP at 32+32 with the support
   bank (FIFO of 96 pairs: a support of 128; all pairs), CLIP at 100% (ceiling);
 - selection: for every method the same learning-rate grid, trained with seed 0 and scored
-  on the val split by (mean zero-shot top-1 + mean retrieval recall) / 2;
+  on the val split by (mean zero-shot top-1 + mean retrieval recall) / 2, over the zero-shot
+  sets that have a val split of their own only: a class folder (aid=..., rsscn7=...) serves
+  the same images at every split, so it is evaluated at test only (the output header says
+  which sets scored the selection);
 - report: the chosen setting trained with 3 seeds (seed = split, initialisation and order),
   evaluated on the test split: every zero-shot set given (--zeroshot) and retrieval.
 Nothing is tuned on a test split.
@@ -118,12 +121,13 @@ def run(
         "trainer.max_steps": steps,
         "trainer.logger": False,
         "trainer.enable_checkpointing": False,
+        "trainer.callbacks": "[]",  # the configs' checkpoint callbacks: nothing to resume here
         "trainer.enable_progress_bar": False,
         "trainer.enable_model_summary": False,
         **LABELS,
         **overrides,
     }
-    if zeroshot:
+    if zeroshot is not None:
         args["data.init_args.zeroshot"] = json.dumps(zeroshot)
     argv = [arg for c in configs for arg in ("--config", str(c))]
     for key, value in args.items():
@@ -156,7 +160,23 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def score(m: dict[str, float]) -> float:
+    """Selection score: (mean zero-shot top-1 + mean recall) / 2; recall alone when no
+    zero-shot set can score the selection."""
+    if m["zero-shot mean"] != m["zero-shot mean"]:  # nan: no zero-shot set at val
+        return m["mean_R"]
     return (m["zero-shot mean"] + m["mean_R"]) / 2
+
+
+def selection_sets(zeroshot: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """The zero-shot sets model selection may score (their own val split differs from their
+    test split) and those left to the test runs (class folders: val images = test images).
+    None keeps the data module's default (the training set's own classes, split-aware)."""
+    from sclip_lightning.data import registry
+
+    if zeroshot is None:
+        return None, []
+    keep = [z for z in zeroshot if registry.get_source(z.partition("=")[0]).class_splits]
+    return keep, [z for z in zeroshot if z not in keep]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,10 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     def stamp() -> str:
         return f"[{time.time() - t0:.0f}s]"
 
+    val_sets, test_only = selection_sets(args.zeroshot)
+    if test_only:
+        print(f"zero-shot sets without a val split, evaluated at test only: {test_only}")
     for name in names:
         best = None
         for lr in args.lrs:
-            rows, sec = run(config, METHODS[name], 0, lr, args.steps, "val", args.zeroshot)
+            rows, sec = run(config, METHODS[name], 0, lr, args.steps, "val", val_sets)
             seconds.append(sec)
             m = summary(rows)
             grid.append({"method": name, "lr": f"{lr:g}", **m, "val score": score(m)})
@@ -309,11 +332,16 @@ def write_outputs(args, stem, config, names, grid, chosen, results, per_seed, se
         for s, r in zip(args.seeds, per_seed[n], strict=True)
     ]
     grid_rows = [{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in g.items()} for g in grid]
+    val_sets, test_only = selection_sets(args.zeroshot)
+    scored = "the training set's own zero-shot classes" if val_sets is None else val_sets
     header = (
         f"# {stem}\n\nconfigs {', '.join(f'`{config_label(c)}`' for c in config)}, "
         f"{args.steps} steps, lrs "
         f"{args.lrs}, seeds {args.seeds}; {len(seconds)} runs, {total / 60:.1f} min in all "
         f"(per run {min(seconds):.0f}-{max(seconds):.0f} s)\n\n"
+        f"Selection: val split only (retrieval and zero-shot: {scored}); "
+        f"zero-shot sets without a val split, evaluated at test only: {test_only or 'none'}. "
+        "Retrieval recall counts tied scores in expectation (docs/method.md).\n\n"
     )
     text = (
         header

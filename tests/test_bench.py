@@ -16,14 +16,17 @@ def test_loss_bench_table(capsys):
 def test_real_benchmark_orchestrates_the_product_at_tiny_size(tmp_path, tiny_lit):
     """bench/real_benchmark.py end to end on the rsicd protocol config with the tiny towers and
     fixture data in RSICD's layout: the grid is scored on val, the chosen rate is the best
-    val score, every seed is tested, and the tables, json and chart are written."""
+    val score, every seed is tested, and the tables, json and chart are written. A class
+    folder given as a zero-shot set (no val split of its own: its val images are its test
+    images) is left out of the selection and evaluated at test only."""
     import json
 
     import real_benchmark  # bench/real_benchmark.py
-    from fixtures import write_rsicd
+    from fixtures import write_class_folder, write_rsicd
 
     _, folder = tiny_lit
     root = write_rsicd(tmp_path / "rsicd", {"train": 60, "val": 8, "test": 8})
+    whu = write_class_folder(tmp_path / "whu", per_class=2)
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(
         "trainer:\n  accelerator: cpu\n  precision: 32-true\n"
@@ -38,6 +41,7 @@ def test_real_benchmark_orchestrates_the_product_at_tiny_size(tmp_path, tiny_lit
     argv = [
         "--config", str(real_benchmark.LIT), str(tiny), "--steps", "2",
         "--lrs", "1e-3", "1e-4", "--seeds", "0", "1", "--methods", *methods, "--out", str(out),
+        "--zeroshot", f"rsicd={root}", f"whu_rs19={whu}",
     ]  # fmt: skip
     real_benchmark.main(argv)
     saved = json.loads((out / "results_lit.json").read_text())
@@ -45,6 +49,8 @@ def test_real_benchmark_orchestrates_the_product_at_tiny_size(tmp_path, tiny_lit
     for name in methods:
         grid = [g for g in saved["grid"] if g["method"] == name]
         assert [float(g["lr"]) for g in grid] == [1e-3, 1e-4]
+        assert all("zero-shot rsicd" in g and "zero-shot whu_rs19" not in g for g in grid)
+        assert all("zero-shot whu_rs19" in r for r in saved["per_seed"][name])
         best = max(grid, key=lambda g: g["val score"])
         assert saved["chosen_lr"][name] == float(best["lr"])
         assert len(saved["per_seed"][name]) == 2
@@ -52,6 +58,7 @@ def test_real_benchmark_orchestrates_the_product_at_tiny_size(tmp_path, tiny_lit
         assert 0.0 <= mean <= 100.0
     assert "pseudo-label acc (train)" in saved["results"][methods[1]]
     table = (out / "results_lit.md").read_text()
+    assert f"evaluated at test only: ['whu_rs19={whu}']" in table
     for name in methods:  # one test-table row per method, at its chosen rate
         assert f"| {name} | {saved['chosen_lr'][name]:g} |" in table
     png = out / "results_lit.png"

@@ -61,7 +61,7 @@ def test_gather_rows_handles_ranks_of_different_sizes_and_bools(tmp_path):
     mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "g")), nprocs=2)
     expected = torch.tensor([0.0, 1, 2, 10, 11, 12, 13, 14])
     for r in range(2):
-        rows, flags = torch.load(tmp_path / f"g.{r}")
+        rows, flags = torch.load(tmp_path / f"g.{r}", weights_only=True)
         assert torch.equal(rows, expected[:, None].repeat(1, 2))
         assert flags.dtype == torch.bool and torch.equal(flags, expected > 11)
 

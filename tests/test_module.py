@@ -166,7 +166,7 @@ def test_chunked_retrieval_recall_matches_naive(max_elements):
         assert got[f"i2t_R@{k}"] == pytest.approx(i2t)
         assert got[f"t2i_R@{k}"] == pytest.approx(t2i)
     a, b = retrieval_ranks(img, txt, owner, max_elements)
-    assert a.shape == (13,) and b.shape == owner.shape
+    assert a.shape == (13, 3) and b.shape == (*owner.shape, 3)
 
 
 PLAN = [[0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.25, 0.75], [0, 0, 0, 1.0]]

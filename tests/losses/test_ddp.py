@@ -90,7 +90,7 @@ def test_two_process_gradients_equal_one_process(preset):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.pt")
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), preset, out), nprocs=2, join=True)
-        got = torch.load(out)
+        got = torch.load(out, weights_only=True)
     torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
     for name, g in ref.items():
         torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
@@ -118,7 +118,7 @@ def test_trainer_ddp_step_equals_single_device_step(objective, tmp_path):
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[devices] = torch.load(out)
+        results[devices] = torch.load(out, weights_only=True)
     one, two = results[1], results[2]
     for name, w in one["before"].items():
         torch.testing.assert_close(two["before"][name], w, msg=name)  # same initialisation
@@ -183,7 +183,7 @@ def test_two_process_support_bank_equals_one_process(size):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.pt")
         mp.spawn(_bank_worker, args=(2, os.path.join(tmp, "init"), size, out), nprocs=2, join=True)
-        got = [torch.load(f"{out}.{r}") for r in range(2)]
+        got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     for key, value in crit.bank.state.items():
         assert torch.equal(got[0]["bank"][key], got[1]["bank"][key]), key
         torch.testing.assert_close(got[0]["bank"][key], value, atol=1e-5, rtol=1e-4, msg=key)

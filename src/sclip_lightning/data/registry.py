@@ -43,6 +43,9 @@ class Source:
         streams: as ``unpaired_dataset`` the images are streamed (WebDataset shards).
         evaluates_itself: without explicit ``zeroshot`` / ``retrieval`` entries, evaluate on
             this source's own val/test splits (False: its root holds training data only).
+        class_splits: the class set honours ``split`` (its val and test images differ);
+            False for a plain class folder, which serves every image at every split, so it
+            must never score model selection (its "val" images are its test images).
     """
 
     captioned: Callable[..., Dataset] | None = None
@@ -54,6 +57,7 @@ class Source:
     split_by_key: bool = False
     streams: bool = False
     evaluates_itself: bool = True
+    class_splits: bool = True
 
 
 def _need_root(root: str | None) -> Path:
@@ -74,6 +78,7 @@ def _class_folder_source(subdir: str | None = None, drop_letter_prefix: bool = F
         unpaired=build,
         resolve_root=_need_root,
         templates=list(AERIAL_TEMPLATES),
+        class_splits=False,
     )
 
 
@@ -203,6 +208,7 @@ SOURCES: dict[str, Source] = {
         classes=lambda root, split, **kw: generic.ClassFolder(root, **kw),
         unpaired=lambda root, **kw: generic.ClassFolder(root, **kw),
         resolve_root=_need_root,
+        class_splits=False,
     ),
 }
 

@@ -1,0 +1,117 @@
+"""Every `sclip` command written in a config header or in the README runs as written.
+
+The commands are read from the files themselves (comment lines of each config's header; the
+```bash blocks of README.md, with their shell variables) and run in order, as a user would
+paste them, through the CLI's entry point at tiny size: a tiny model, fixture data in the
+configs' native layouts (written under a temp folder; data roots such as ``/data/RSICD`` are
+overridden by arguments appended after the documented ones), two training steps, CPU. Every
+path a command names (``--ckpt_path <run>/checkpoints/last.ckpt``,
+``lightning_logs/version_0/...``) must exist when the command runs: a config that promises a
+``last.ckpt`` must write one. Commands other than ``sclip`` (``make ...``) are not run here.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from cli_overrides import data_overrides, model_overrides
+
+from sclip_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def _join_continuations(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    for line in lines:
+        if out and out[-1].endswith("\\"):
+            out[-1] = out[-1][:-1] + " " + line.strip()
+        else:
+            out.append(line.strip())
+    return out
+
+
+def header_commands(config: Path) -> list[str]:
+    """The `sclip ...` commands in the comment lines of a config's header."""
+    lines = []
+    for line in config.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#"))
+    return [c for c in _join_continuations(lines) if c.startswith("sclip ")]
+
+
+def readme_blocks() -> list[list[str]]:
+    """Each ```bash block of the README that holds `sclip` commands, variables expanded."""
+    text = (REPO / "README.md").read_text()
+    blocks = []
+    for body in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        env: dict[str, str] = {}
+        cmds = []
+        for line in _join_continuations(body.splitlines()):
+            assignment = re.fullmatch(r"([A-Za-z_]\w*)=(\S+)", line)
+            if assignment:
+                env[assignment[1]] = assignment[2]
+            elif line.startswith("sclip "):
+                for name, value in env.items():
+                    line = line.replace(f"${name}", value)
+                cmds.append(line)
+        if cmds:
+            blocks.append(cmds)
+    return blocks
+
+
+DOCUMENTED = {
+    **{
+        str(p.relative_to(REPO)): header_commands(p)
+        for p in sorted(CONFIGS.rglob("*.yaml"))
+        if header_commands(p)
+    },
+    **{f"README.md block {i}": cmds for i, cmds in enumerate(readme_blocks())},
+}
+
+
+def test_the_documents_hold_commands():
+    assert "configs/demo.yaml" in DOCUMENTED and "configs/real/rsicd_mini_lit.yaml" in DOCUMENTED
+    assert sum(k.startswith("README") for k in DOCUMENTED) >= 2
+
+
+@pytest.mark.parametrize("doc", list(DOCUMENTED))
+def test_documented_commands_run_as_written(doc, tmp_path, tiny_lit, monkeypatch):
+    monkeypatch.chdir(REPO)  # the documents' relative paths are from the repository root
+    for command in DOCUMENTED[doc]:
+        argv = shlex.split(command, comments=True)[1:]
+        if "--model.help" in argv:
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            assert e.value.code == 0
+            continue
+        configs = [Path(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
+        for i, arg in enumerate(argv):  # runs land in tmp_path, where the paths must exist
+            if arg == "--ckpt_path":
+                path = argv[i + 1].replace("<run>", str(tmp_path / "lightning_logs/version_0"))
+                if path.startswith("lightning_logs/"):
+                    path = str(tmp_path / path)
+                assert Path(path).is_file(), f"{doc}: `{command}` names {argv[i + 1]}, not written"
+                argv[i + 1] = path
+        tiny = [
+            *model_overrides(configs, tiny_lit),
+            *data_overrides(configs, tmp_path),
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.unpaired_batch_size=4",
+            "--data.init_args.eval_batch_size=16",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.num_nodes=1",
+            "--trainer.strategy=auto",
+            "--trainer.precision=32-true",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+        if argv[0] == "fit":
+            tiny.append("--trainer.max_steps=2")
+        main([*argv, *tiny])
