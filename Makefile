@@ -31,8 +31,8 @@ format:
 typecheck:
 	$(BIN)/mypy
 
-demo:  ## train CLIP vs S-CLIP on the embedded synthetic domain, print + write the table
-	$(PYTHON) -m sclip_lightning.demo --seeds $(or $(SEEDS),0 1 2) --methods $(or $(METHODS),clip sclip) --out outputs/demo
+demo:  ## CLIP vs S-CLIP (paper) vs S-CLIP (bank of all pairs + unbalanced OT) on the embedded synthetic domain
+	$(PYTHON) -m sclip_lightning.demo --seeds $(or $(SEEDS),0 1 2) --methods $(or $(METHODS),clip sclip sclip-bank-uot) --out outputs/demo
 
 bench:  ## loss and training-step benchmarks (ratios against baselines in the same run)
 	$(PYTHON) bench/loss.py
