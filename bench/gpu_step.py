@@ -15,12 +15,14 @@ import warnings
 import torch
 
 from sclip_lightning import SCLIPModule
+from sclip_lightning.losses import CLIPLoss, SCLIPLoss
 
 
 def run(method, args, device):
     torch.manual_seed(0)
     vocab = [f"keyword {i}" for i in range(45)]
-    m = SCLIPModule(model_name=args.model, method=method, keyword_vocabulary=vocab).to(device)
+    criterion = SCLIPLoss() if method == "sclip" else CLIPLoss()
+    m = SCLIPModule(model_name=args.model, criterion=criterion, keyword_vocabulary=vocab).to(device)
     m.setup("fit")
     size = m.model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
