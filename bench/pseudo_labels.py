@@ -50,7 +50,7 @@ def rsicd_features():
     cli = build_cli(["--config", str(REPO / "configs" / "real" / "rsicd_mini_lit.yaml")], run=False)
     dm, module = cli.datamodule, cli.model
     dm.setup("fit")
-    module.configure_tower_cache(dm)
+    module.configure_tower_cache(dm)  # what setup does when tower_cache is on
     feats = dm.tower_outputs.outputs(f"{dm.hparams.dataset}/train", dm.train_base, False).images
     classes = RSICDClasses(dm.root, split="train")
     label_of = {p.name: y for p, y in zip(classes.paths, classes.labels, strict=True)}

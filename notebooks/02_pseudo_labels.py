@@ -160,7 +160,7 @@ plt.show()
 # %%
 nearest = plans["ot"].argmax(dim=-1)
 cands = paired["keywords"][nearest].bool()
-targets = keyword_targets(unp, kw, cands, s, module.criterion.keyword.keyword_weighting)
+targets = keyword_targets(unp, kw, cands, s, module.criterion.keyword_weighting)
 rows = []
 for j in range(6):
     ks = cands[j].nonzero().squeeze(1).tolist()

@@ -8,6 +8,11 @@ overridden by arguments appended after the documented ones), two training steps,
 path a command names (``--ckpt_path <run>/checkpoints/last.ckpt``,
 ``lightning_logs/version_0/...``) must exist when the command runs: a config that promises a
 ``last.ckpt`` must write one. Commands other than ``sclip`` (``make ...``) are not run here.
+
+The README's examples of a user's own code are run too: a ```python block whose first line is
+``# mypackage/<name>.py`` becomes the module ``mypackage.<name>`` (so commands naming its
+classes run as written), and a ```yaml block whose first line is ``# <file>.yaml: <command>``
+is written to ``<file>.yaml`` and its command run.
 """
 
 from __future__ import annotations
@@ -45,6 +50,27 @@ def header_commands(config: Path) -> list[str]:
     return [c for c in _join_continuations(lines) if c.startswith("sclip ")]
 
 
+def user_package() -> None:
+    """The README's ``# mypackage/<name>.py`` blocks, importable as ``mypackage.<name>``."""
+    import sys
+    import types
+
+    text = (REPO / "README.md").read_text()
+    package = sys.modules.setdefault("mypackage", types.ModuleType("mypackage"))
+    package.__path__ = []  # type: ignore[attr-defined]
+    for name, body in re.findall(r"```python\n# mypackage/(\w+)\.py\n(.*?)```", text, flags=re.S):
+        module = types.ModuleType(f"mypackage.{name}")
+        sys.modules[module.__name__] = module
+        setattr(package, name, module)
+        exec(compile(body, f"README.md:mypackage/{name}.py", "exec"), module.__dict__)
+
+
+def readme_yaml_files() -> list[tuple[str, str, str]]:
+    """``(file name, content, command)`` of each ```yaml block headed ``# <file>.yaml: <cmd>``."""
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"```yaml\n# ([\w.]+\.yaml): (sclip [^\n]*)\n(.*?)```", text, flags=re.S)
+
+
 def readme_blocks() -> list[list[str]]:
     """Each ```bash block of the README that holds `sclip` commands, variables expanded."""
     text = (REPO / "README.md").read_text()
@@ -72,18 +98,26 @@ DOCUMENTED = {
         if header_commands(p)
     },
     **{f"README.md block {i}": cmds for i, cmds in enumerate(readme_blocks())},
+    **{f"README.md {name}": [command] for name, command, _ in readme_yaml_files()},
 }
 
 
 def test_the_documents_hold_commands():
     assert "configs/demo.yaml" in DOCUMENTED and "configs/real/rsicd_mini_lit.yaml" in DOCUMENTED
     assert sum(k.startswith("README") for k in DOCUMENTED) >= 2
+    assert "README.md my_objective.yaml" in DOCUMENTED
 
 
 @pytest.mark.parametrize("doc", list(DOCUMENTED))
 def test_documented_commands_run_as_written(doc, tmp_path, tiny_lit, monkeypatch):
     monkeypatch.chdir(REPO)  # the documents' relative paths are from the repository root
+    user_package()
+    written = {name: tmp_path / name for name, _, _ in readme_yaml_files()}
+    for name, _, content in readme_yaml_files():
+        written[name].write_text(content)
     for command in DOCUMENTED[doc]:
+        for name, path in written.items():  # a README yaml file, written where the run is
+            command = command.replace(f"--config {name}", f"--config {path}")
         argv = shlex.split(command, comments=True)[1:]
         if "--model.help" in argv:
             with pytest.raises(SystemExit) as e:

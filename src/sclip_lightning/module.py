@@ -128,9 +128,9 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         self.save_hyperparameters(ignore=["criterion"])
         if model_config_dir:
             register_model_configs(model_config_dir)
-        # a config (from a checkpoint) is rebuilt from already imported classes only
+        # a config (a checkpoint's) is rebuilt from imported classes only; checkpoints record it
         self.criterion = SCLIPLoss() if criterion is None else build_component(criterion, Objective)
-        self.hparams["criterion"] = self.criterion.config()  # what checkpoints rebuild
+        self.hparams["criterion"] = self.criterion.config()
         self.keywords = list(keyword_vocabulary) if keyword_vocabulary is not None else None
         self.towers: CachedTowers | None = None  # set in setup when tower_cache is on
         self.last_loss_terms: dict[str, torch.Tensor] = {}  # read by NonFiniteGuard
@@ -148,7 +148,6 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return dm if isinstance(dm, TrainingData) else None
 
-    # ------------------------------------------------------------------ hooks
     def configure_models(self) -> None:
         """Build ``self.model`` (open_clip) and ``self.tokenizer``; apply tower locking."""
         hp = self._hp
@@ -165,11 +164,8 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         to the Trainer is kept, as is one from an earlier ``fit``)."""
         hp = self._hp
         present = {type(c) for c in getattr(self._trainer, "callbacks", None) or []}
-        wanted = [
-            NonFiniteGuard(hp.nonfinite, hp.nonfinite_check_every_n_steps),
-            RandomStateCheckpoint(),
-            ResultsWriter(hp.results_dir),
-        ]
+        guard = NonFiniteGuard(hp.nonfinite, hp.nonfinite_check_every_n_steps)
+        wanted = [guard, RandomStateCheckpoint(), ResultsWriter(hp.results_dir)]
         return [c for c in wanted if type(c) not in present]
 
     @property
@@ -270,17 +266,19 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         self._keyword_length = causal_text_length(self.model, tokens)
         if info is not None:
             self.criterion.setup(info)
+        if self._hp.tower_cache is not None and stage != "predict":
+            self.configure_tower_cache(dm)
+
+    def configure_tower_cache(self, datamodule: TrainingData | None) -> None:
+        """Cut the locked towers; hand their frozen parts to the data module's cache."""
         hp = self._hp
-        if hp.tower_cache is not None and stage != "predict":
-            if dm is None:
-                raise ValueError("tower_cache needs a data module that serves tower outputs")
-            key = {
-                "model": hp.model_name,
-                "pretrained": str(hp.pretrained),
-                "image_size": hp.image_size,
-            }
-            self.towers = CachedTowers(self.model, hp.tower_cache, key, hp.tower_cache_dir)
-            self.towers.attach(dm, lambda: self.device)
+        if datamodule is None:
+            raise ValueError("tower_cache needs a data module that serves tower outputs")
+        self.towers = CachedTowers(
+            self.model, hp.tower_cache, hp.tower_cache_dir, model=hp.model_name,
+            pretrained=str(hp.pretrained), image_size=hp.image_size,
+        )  # fmt: skip
+        self.towers.attach(datamodule, lambda: self.device)
 
     def train(self, mode: bool = True) -> SCLIPModule:
         """Train mode, except for locked parts of the towers (always eval: LiT-style)."""
@@ -289,8 +287,7 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
             freeze_locked_modules(self.model)
         return self
 
-    def on_fit_start(self) -> None:
-        """Under DDP, check before the first step that every rank has the same shapes."""
+    def on_fit_start(self) -> None:  # under DDP: every rank has the same shapes
         distributed.check_fit_settings(self.trainer, len(self.keywords or []), self.criterion)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -260,19 +260,20 @@ class CachedTowers:
     tower-output cache, and the trainable heads the module runs on their outputs.
 
     Args:
-        model: the open_clip model (towers already locked).
+        clip_model: the open_clip model (towers already locked).
         towers: which towers to cut: ``"image"``, ``"text"`` or ``"both"``.
-        key: what the cached outputs depend on besides the data and the frozen weights
-            (model name, weights tag, image size).
         directory: cache folder for the outputs (``"default"``: ``$SCLIP_CACHE/tower_outputs``),
             or None to keep them in memory.
+        **key: what the cached outputs depend on besides the data and the frozen weights
+            (model name, weights tag, image size).
     """
 
-    def __init__(self, model: Any, towers: str, key: dict[str, Any], directory: str | None) -> None:
+    def __init__(self, clip_model: Any, towers: str, directory: str | None, **key: Any) -> None:
         from sclip_lightning.models import cache_dir
 
         which = ("image", "text") if towers == "both" else (towers,)
-        self.splits = {t: image_split(model) if t == "image" else text_split(model) for t in which}
+        split = {"image": image_split, "text": text_split}
+        self.splits = {t: split[t](clip_model) for t in which}
         self.keys = cache_keys(self.splits, **key)
         self.directory = str(cache_dir() / "tower_outputs") if directory == "default" else directory
         self._memo: dict[Any, torch.Tensor] = {}

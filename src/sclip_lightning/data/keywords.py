@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 
+from sclip_lightning.losses.component import check_choice
+
 log = logging.getLogger(__name__)
 
 #: how a keyword is found in a caption: whole words / phrases, case-insensitive ("tokens"),
@@ -176,6 +178,7 @@ class KeywordMatcher:
     """
 
     def __init__(self, keywords: Sequence[str], mode: KeywordMatching = "tokens") -> None:
+        check_choice("keyword_matching", mode, KeywordMatching)
         self.mode = mode
         self.keywords = list(keywords)
         self._nlp: Any = None

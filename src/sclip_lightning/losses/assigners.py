@@ -40,6 +40,10 @@ class Assigner(Component):
         detach_plan: stop gradients through the plan (the release: False).
     """
 
+    #: whether :meth:`plan` gives masked support rows no weight itself; False: :meth:`forward`
+    #: zeroes them and renormalises the rows (set True in an assigner that handles the mask)
+    handles_mask: bool = False
+
     def __init__(self, assigner_support: Support = "image", detach_plan: bool = False) -> None:
         super().__init__()
         check_choice("assigner_support", assigner_support, Support)
@@ -74,7 +78,11 @@ class Assigner(Component):
                 support.detach(),
                 logit_scale.detach(),
             )
-        return self.plan(unpaired, support, logit_scale, support_mask)
+        plan = self.plan(unpaired, support, logit_scale, support_mask)
+        if support_mask is None or self.handles_mask:
+            return plan
+        plan = plan * support_mask  # a plan that ignored the mask: masked rows get nothing
+        return plan / plan.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
 
     def plan(
         self,
@@ -107,6 +115,8 @@ class EntropicAssigner(Assigner):
         sinkhorn_reg: fixed entropic regularisation > 0, or None for ``1/s`` (release).
         **kwargs: :class:`Assigner`'s options (``assigner_support``, ``detach_plan``).
     """
+
+    handles_mask = True
 
     def __init__(
         self, sinkhorn_iters: int = 10, sinkhorn_reg: float | None = None, **kwargs: Any
@@ -210,12 +220,16 @@ class UnbalancedOTAssigner(EntropicAssigner):
 class SoftNNAssigner(Assigner):
     """Soft-PL (the paper's ablation): ``softmax(s * U S^T)`` over the support."""
 
+    handles_mask = True
+
     def plan(self, query, support, logit_scale, support_mask):
         return torch.softmax(_masked(logit_scale * (query @ support.T), support_mask), dim=-1)
 
 
 class HardNNAssigner(Assigner):
     """Hard-PL (the paper's ablation): one-hot on the most similar support item (no gradient)."""
+
+    handles_mask = True
 
     def plan(self, query, support, logit_scale, support_mask):
         nearest = _masked(query @ support.T, support_mask).argmax(dim=-1)

@@ -11,7 +11,7 @@ Modes (``size``):
 
 - ``0``: off (the release: the support is the batch).
 - ``N > 0``: the last ``N`` paired samples, first in first out.
-- ``-1``: one slot per paired training image, refreshed by its index (``paired_ids``)
+- ``-1``: one slot per paired training image, refreshed by its index (``pair_index``)
   whenever it is in the batch; needs the number of paired images (:meth:`set_capacity`).
 
 Slots never filled, and bank rows of samples that are in the current batch, are masked out
@@ -130,7 +130,7 @@ class SupportBank(nn.Module):
             if self.size == -1:
                 raise ValueError(
                     "support_bank_size=-1 keeps one slot per paired image and needs their ids "
-                    "(paired_ids, the batch's 'pair_index' from SCLIPDataModule)"
+                    "(pair_index: SCLIPDataModule's batches carry it)"
                 )
             ids = torch.full((b,), -2, dtype=torch.long, device=image.device)  # unknown
         if not self.state:
