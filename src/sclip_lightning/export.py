@@ -255,7 +255,7 @@ def export(
     results_path: Path | None
     where: str | None
     if results is not None:
-        results_path, where = Path(results), "given to sclip-export (--results)"
+        results_path, where = Path(results), "given with `--results`"
         if not results_path.is_file():
             raise FileNotFoundError(f"results file not found: {results_path}")
     else:
