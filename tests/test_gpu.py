@@ -276,15 +276,26 @@ def test_support_bank_over_steps_matches_cpu(bank, assigner):
 
 
 # ------------------------------------------------------------------- through the Trainer
-def _data(**kw: Any) -> SCLIPDataModule:
+@pytest.fixture(scope="module")
+def small_rsicd(tmp_path_factory):
+    """A small data set in RSICD's layout: the Trainer tests need no generated domain, and
+    the tower cache's pass over every image stays short on a CPU."""
+    from fixtures import write_rsicd
+
+    return write_rsicd(tmp_path_factory.mktemp("rsicd"), {"train": 64, "val": 8, "test": 32})
+
+
+def _data(root: Any, **kw: Any) -> SCLIPDataModule:
+    """Its data module: half of the images paired, 8 keywords mined from the captions."""
     kw = {
-        "dataset": "synthetic",
-        "label_ratio": 0.02,
+        "label_ratio": 0.5,
         "batch_size": 8,
         "unpaired_batch_size": 8,
         "num_workers": 0,
+        "keywords": "mine",
+        "num_keywords": 8,
     } | kw
-    return SCLIPDataModule(**kw)
+    return SCLIPDataModule(dataset="rsicd", root=str(root), **kw)
 
 
 def _trainer(**kw: Any) -> L.Trainer:
@@ -311,14 +322,14 @@ class Snapshots(L.Callback):
         }
 
 
-def test_nonfinite_guard_cancels_the_step_inside_fused_adamw(synthetic_root):
+def test_nonfinite_guard_cancels_the_step_inside_fused_adamw(small_rsicd):
     """A NaN loss at step 3 on the device: fused AdamW (the module's optimiser) skips that
     update in its kernel (found_inf), the weights of step 3 are exactly those of step 4,
     AdamW's step count leaves it out, training goes on, the guard's record is on the device."""
     module = NaNAtStep(model_name="sclip-tiny", lr=1e-3, warmup_steps=0, nonfinite="skip")
     snaps = Snapshots()
     trainer = _trainer(max_steps=6, callbacks=[snaps])
-    trainer.fit(module, datamodule=_data())
+    trainer.fit(module, datamodule=_data(small_rsicd))
     opt = trainer.optimizers[0]
     assert opt.defaults.get("fused"), "the module's AdamW is not fused on this device"
     guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
@@ -366,20 +377,9 @@ def timm_tower_model(tmp_path_factory) -> str:
     return TINY_TIMM
 
 
-@pytest.fixture(scope="module")
-def small_rsicd(tmp_path_factory):
-    """A small data set in RSICD's layout (the tower cache's pass covers every image)."""
-    from fixtures import write_rsicd
-
-    return write_rsicd(tmp_path_factory.mktemp("rsicd"), {"train": 64, "val": 8, "test": 32})
-
-
 def _cached_run(model_name: str, root: Any, cache: str | None, unlocked: int) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
-    dm = _data(
-        dataset="rsicd", root=str(root), model_name=model_name, eval_batch_size=16,
-        augment=False, label_ratio=0.5,
-    )  # fmt: skip
+    dm = _data(root, model_name=model_name, eval_batch_size=16, augment=False)
     m = SGDModule(
         model_name=model_name,
         tower_cache=cache,
@@ -435,7 +435,7 @@ def test_tower_cache_equals_the_uncached_path(small_rsicd, timm_tower_model, unl
     ],
     ids=["sclip", "sclip_bank_unbalanced", "sclip_released_ot", "clip"],
 )
-def test_bf16_mixed_steps_are_finite(synthetic_root, method, overrides):
+def test_bf16_mixed_steps_are_finite(small_rsicd, method, overrides):
     """bf16-mixed on the device: finite losses, no non-finite step, float32 master weights
     that moved and stayed finite (the losses run in float32/float64 inside autocast)."""
     L.seed_everything(0, verbose=False)
@@ -444,7 +444,7 @@ def test_bf16_mixed_steps_are_finite(synthetic_root, method, overrides):
     )
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = _trainer(max_steps=3, precision="bf16-mixed")
-    trainer.fit(module, datamodule=_data())
+    trainer.fit(module, datamodule=_data(small_rsicd))
     guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
     assert int(guard.steps) == 0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
