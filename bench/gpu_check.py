@@ -9,7 +9,7 @@ reported in its row and the others still run; the order puts the fixed-cost part
   peak memory and host-device syncs per step of CLIP, S-CLIP and S-CLIP + bank + unbalanced
   OT (ViT-B/32 from random weights, 64 + 64 images per step, bf16-mixed), the syncs of the
   default step as ``sclip fit`` runs it (progress bar on), and the hand-written loop;
-- (c) the training loader alone on real JPEGs with every core (``bench/throughput.py
+- (c) the training loader alone on real JPEGs with all cores (``bench/throughput.py
   loader``), against the S-CLIP step: does loading limit it;
 - (b) ``sclip fit`` then ``sclip test`` of ``configs/demo.yaml`` (the embedded demo domain)
   with ``--trainer.accelerator gpu --trainer.precision bf16-mixed``: metrics and wall time.
@@ -76,7 +76,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "warmup": 3,
         "steps": 5,
         "sync_steps": 1,
-        "configs": ["clip", "sclip", "sclip_bank_uot"],
+        "configs": ["clip", "sclip", "sclip_bank", "sclip_bank_uot"],
         "loader_batches": 6,
         "fit_steps": 60,
         "val_every": 30,
@@ -316,7 +316,7 @@ class Check:
         self.details.append("\n".join(lines))
 
     def part_loader(self) -> None:
-        check = "training loader alone (JPEG decode + train transform + tokens), every core"
+        check = "training loader alone (JPEG decode + train transform + tokens), all cores"
         if self.skipped("c", check):
             return
         p = self.plan
@@ -340,7 +340,8 @@ class Check:
             return
         rec = recs[-1]
         result = (
-            f"{rec['images_per_s']:,.0f} images/s with {rec['workers']} workers; {rec['images']}"
+            f"{rec['images_per_s']:,.0f} images/s with {rec['workers']} + {rec['workers']} "
+            f"workers ({rec['cores']} cores); {rec['images']}"
         )
         step = next(
             (t for t in self.throughput if t.get("config") == "sclip" and t.get("images_per_s")),

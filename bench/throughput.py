@@ -32,6 +32,7 @@ loader --images gpu_check_data/rsicd``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -476,6 +477,7 @@ def trainer_main(args: argparse.Namespace) -> int:
             traceback.print_exc()
             emit(args.json, {"kind": "trainer", "config": name, "label": LABELS[name],
                              "error": f"{type(e).__name__}: {e}"})  # fmt: skip
+        gc.collect()  # the Trainer and module of this configuration hold device memory
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     if args.loop:
@@ -546,7 +548,9 @@ def loader_main(args: argparse.Namespace) -> int:
 
     from sclip_lightning import SCLIPDataModule
 
-    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    # the paired and the unpaired loader each get this many workers: together, every core
+    workers = args.workers if args.workers is not None else max(1, cores // 2)
     source, _ = find_images(args.images)
     b = args.batch
     needed = 2 * b * (args.warmup + args.batches) + 2 * b
@@ -576,7 +580,7 @@ def loader_main(args: argparse.Namespace) -> int:
         "images": what,
         "model_transform": args.model,
         "workers": workers,
-        "cores": os.cpu_count(),
+        "cores": cores,
         "batch": f"{b} + {b}",
         "batches_timed": args.batches,
         "images_per_s": n / seconds if seconds > 0 else None,
@@ -627,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ld.add_argument("--model", default="ViT-B-32", help="its train transform")
     ld.add_argument("--batch", type=int, default=64)
-    ld.add_argument("--workers", type=int, help="default: the cores this process may use")
+    ld.add_argument(
+        "--workers", type=int, help="per loader (paired, unpaired); default: half the cores each"
+    )
     ld.add_argument("--warmup", type=int, default=5)
     ld.add_argument("--batches", type=int, default=40)
     ld.add_argument("--json")

@@ -419,10 +419,14 @@ def test_tower_cache_equals_the_uncached_path(small_rsicd, timm_tower_model, unl
     assert any(not torch.equal(plain["weights"][k], plain["initial"][k]) for k in head)
     for k, w in plain["weights"].items():
         torch.testing.assert_close(cached["weights"][k], w, atol=1e-4, rtol=1e-4, msg=k)
+    # metrics (percent of 32 test images): on the CPU the two paths give the same ranks; on
+    # a GPU, features that differ by rounding can swap near-tied neighbours (random-init
+    # features crowd the similarities together), so two of the 32 images may change rank
+    tol = 1e-3 if torch.device(DEVICE).type == "cpu" else 2 * 100 / 32
     for a, b in zip(plain["rows"], cached["rows"], strict=True):
         for key, value in a.items():
             if isinstance(value, float):
-                assert b[key] == pytest.approx(value, abs=1e-3), key
+                assert b[key] == pytest.approx(value, abs=tol), key
 
 
 @pytest.mark.parametrize(

@@ -389,7 +389,7 @@ def _manifest(
         commit += "+uncommitted changes"
     return {
         "python_version": py_version,
-        "platform": "manylinux x86-64 (glibc >= 2.28 tags accepted)",
+        "platform": "manylinux x86-64, tags up to glibc 2.28 (what torch's own wheels need)",
         "node_torch": list(args.node),
         "node_provides": sorted(provided),
         "also_downloaded": list(args.also),
