@@ -451,7 +451,8 @@ class Check:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         dest = os.environ.get("OUT")
-        if dest and Path(dest).is_dir() and Path(dest).resolve() != self.out:
+        inside = dest and Path(dest).is_dir() and self.out.is_relative_to(Path(dest).resolve())
+        if dest and Path(dest).is_dir() and not inside:  # $OUT: a folder whose files come back
             for item in self.out.iterdir():
                 target = Path(dest) / item.name
                 if item.is_dir():
