@@ -354,17 +354,42 @@ class SyncProfiler:
                 for ev in p.events():
                     if ev.name in SYNC_CALLS_EXACT or any(s in ev.name for s in SYNC_CALLS):
                         prof.calls[ev.name] += 1
+                prof.busy(p.key_averages())
 
         return _Profile()
+
+    def busy(self, averages: Any) -> None:
+        """How much of a step the GPU computes: device time of every op (kernels) per step,
+        the CPU-side operator count per step (what a launch-bound step pays for), and the
+        ops with the most device time."""
+        rows = list(averages)
+        if not rows or not self.steps:
+            return
+        attr = "self_device_time_total"
+        if not hasattr(rows[0], attr):
+            attr = "self_cuda_time_total"
+        device_us = [(getattr(r, attr, 0.0) or 0.0, r) for r in rows]
+        self.device_ms = sum(t for t, _ in device_us) / 1000 / self.steps
+        self.aten_ops = sum(r.count for r in rows if r.key.startswith("aten::")) / self.steps
+        top = sorted(device_us, key=lambda x: -x[0])[:8]
+        self.top = [
+            {"op": r.key[:60], "ms_per_step": round(t / 1000 / self.steps, 3), "calls": r.count}
+            for t, r in top
+        ]
 
     def summary(self) -> dict[str, Any]:
         if self.error:
             return {"profiler_error": self.error}
         total = sum(self.calls.values())
-        return {
+        out: dict[str, Any] = {
             "profiler_sync_calls_per_step": total / self.steps if self.steps else None,
             "profiler_sync_calls": dict(self.calls),
         }
+        if getattr(self, "device_ms", None) is not None:
+            out["gpu_busy_ms_per_step"] = round(self.device_ms, 2)
+            out["aten_ops_per_step"] = round(self.aten_ops)
+            out["top_device_ops"] = self.top
+        return out
 
 
 # --------------------------------------------------------------------------- trainer
