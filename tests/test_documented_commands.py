@@ -2,17 +2,18 @@
 
 The commands are read from the files themselves (comment lines of each config's header; the
 ```bash blocks of README.md, with their shell variables) and run in order, as a user would
-paste them, through the CLI's entry point at tiny size: a tiny model, fixture data in the
-configs' native layouts (written under a temp folder; data roots such as ``/data/RSICD`` are
-overridden by arguments appended after the documented ones), two training steps, CPU. Every
-path a command names (``--ckpt_path <run>/checkpoints/last.ckpt``,
-``lightning_logs/version_0/...``) must exist when the command runs: a config that promises a
-``last.ckpt`` must write one. Commands other than ``sclip`` (``make ...``) are not run here.
+paste them, from a fresh folder (the repository's ``configs/`` given by its path), through
+the entry points of ``sclip`` and ``sclip-export`` at tiny size: a tiny model, fixture data
+in the configs' native layouts (data roots such as ``/data/RSICD`` are overridden by
+arguments appended after the documented ones), two training steps, CPU. Every path a command
+names (``--ckpt_path <run>/checkpoints/last.ckpt``, ``lightning_logs/version_0/...``) must
+exist when the command runs: a config that promises a ``last.ckpt`` must write one. Other
+commands (``make ...``) are not run here.
 
 The README's examples of a user's own code are run too: a ```python block whose first line is
 ``# mypackage/<name>.py`` becomes the module ``mypackage.<name>`` (so commands naming its
 classes run as written), and a ```yaml block whose first line is ``# <file>.yaml: <command>``
-is written to ``<file>.yaml`` and its command run.
+is written to ``<file>.yaml`` in the run's folder and its command run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def _join_continuations(lines: list[str]) -> list[str]:
     return out
 
 
+def _is_command(line: str) -> bool:
+    return line.startswith(("sclip ", "sclip-export "))
+
+
 def header_commands(config: Path) -> list[str]:
     """The `sclip ...` commands in the comment lines of a config's header."""
     lines = []
@@ -47,7 +52,7 @@ def header_commands(config: Path) -> list[str]:
         if not line.startswith("#"):
             break
         lines.append(line.lstrip("#"))
-    return [c for c in _join_continuations(lines) if c.startswith("sclip ")]
+    return [c for c in _join_continuations(lines) if _is_command(c)]
 
 
 def user_package() -> None:
@@ -66,7 +71,7 @@ def user_package() -> None:
 
 
 def readme_yaml_files() -> list[tuple[str, str, str]]:
-    """``(file name, content, command)`` of each ```yaml block headed ``# <file>.yaml: <cmd>``."""
+    """``(file name, command, content)`` of each ```yaml block headed ``# <file>.yaml: <cmd>``."""
     text = (REPO / "README.md").read_text()
     return re.findall(r"```yaml\n# ([\w.]+\.yaml): (sclip [^\n]*)\n(.*?)```", text, flags=re.S)
 
@@ -82,7 +87,7 @@ def readme_blocks() -> list[list[str]]:
             assignment = re.fullmatch(r"([A-Za-z_]\w*)=(\S+)", line)
             if assignment:
                 env[assignment[1]] = assignment[2]
-            elif line.startswith("sclip "):
+            elif _is_command(line):
                 for name, value in env.items():
                     line = line.replace(f"${name}", value)
                 cmds.append(line)
@@ -110,15 +115,20 @@ def test_the_documents_hold_commands():
 
 @pytest.mark.parametrize("doc", list(DOCUMENTED))
 def test_documented_commands_run_as_written(doc, tmp_path, tiny_lit, monkeypatch):
-    monkeypatch.chdir(REPO)  # the documents' relative paths are from the repository root
+    monkeypatch.chdir(tmp_path)  # runs, exports and logs land here, as in a user's folder
     user_package()
-    written = {name: tmp_path / name for name, _, _ in readme_yaml_files()}
     for name, _, content in readme_yaml_files():
-        written[name].write_text(content)
+        (tmp_path / name).write_text(content)
     for command in DOCUMENTED[doc]:
-        for name, path in written.items():  # a README yaml file, written where the run is
-            command = command.replace(f"--config {name}", f"--config {path}")
-        argv = shlex.split(command, comments=True)[1:]
+        program, *argv = shlex.split(command, comments=True)
+        argv = [str(REPO / a) if a.startswith("configs/") else a for a in argv]
+        if program == "sclip-export":
+            from sclip_lightning.export import main as export
+
+            for path in (argv[0], *(argv[i + 1] for i, a in enumerate(argv) if a == "--results")):
+                assert Path(path).is_file(), f"{doc}: `{command}` names {path}, not written"
+            export(argv)
+            continue
         if "--model.help" in argv:
             with pytest.raises(SystemExit) as e:
                 main(argv)
@@ -127,9 +137,7 @@ def test_documented_commands_run_as_written(doc, tmp_path, tiny_lit, monkeypatch
         configs = [Path(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
         for i, arg in enumerate(argv):  # runs land in tmp_path, where the paths must exist
             if arg == "--ckpt_path":
-                path = argv[i + 1].replace("<run>", str(tmp_path / "lightning_logs/version_0"))
-                if path.startswith("lightning_logs/"):
-                    path = str(tmp_path / path)
+                path = argv[i + 1].replace("<run>", "lightning_logs/version_0")
                 assert Path(path).is_file(), f"{doc}: `{command}` names {argv[i + 1]}, not written"
                 argv[i + 1] = path
         tiny = [
@@ -144,7 +152,6 @@ def test_documented_commands_run_as_written(doc, tmp_path, tiny_lit, monkeypatch
             "--trainer.num_nodes=1",
             "--trainer.strategy=auto",
             "--trainer.precision=32-true",
-            f"--trainer.default_root_dir={tmp_path}",
         ]
         if argv[0] == "fit":
             tiny.append("--trainer.max_steps=2")

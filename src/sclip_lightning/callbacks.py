@@ -104,7 +104,9 @@ class NonFiniteGuard(L.Callback):
         self.first_terms = self.first_terms.to(device)
         self.term_names = names
         new = flag & (self.first_step < 0)
-        self.first_step = torch.where(new, torch.as_tensor(step, device=device), self.first_step)
+        # new_full fills on the device; torch.as_tensor(step, device=...) would copy a host
+        # scalar with a stream sync (one per step on CUDA)
+        self.first_step = torch.where(new, self.first_step.new_full((), step), self.first_step)
         self.first_terms = torch.where(new, terms, self.first_terms)
         self.steps = self.steps + flag.long()
 

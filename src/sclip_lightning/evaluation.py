@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sclip_lightning import distributed
+from sclip_lightning.interfaces import EvaluationData, PredictionData
 from sclip_lightning.metrics import recall_from_ranks, retrieval_ranks
 
 
@@ -255,7 +256,8 @@ class EvaluationSteps(_Host):
         )
 
     def _start_eval(self, stage: str) -> None:
-        specs = self.data.eval_specs(stage) if self.data is not None else []
+        data = self.data
+        specs = data.eval_specs(stage) if isinstance(data, EvaluationData) else []
         weights = {
             i: self.zeroshot_weights(spec.classes or [], spec.templates or [])
             for i, spec in enumerate(specs)
@@ -316,7 +318,7 @@ class EvaluationSteps(_Host):
                 logger.log_metrics(metrics, step=self.global_step)
 
     def on_predict_epoch_start(self) -> None:
-        if self.data is None:
+        if not isinstance(self.data, PredictionData):
             raise ValueError("predict needs an SCLIPDataModule with predict_root set")
         spec = self.data.predict_spec()
         self._predict_weights = self.zeroshot_weights(spec.classes or [], spec.templates or [])

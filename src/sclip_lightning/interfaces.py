@@ -1,9 +1,11 @@
 """What the module and the data module read from each other, as typed protocols.
 
-The module reads the data through :class:`TrainingData` (keyword vocabulary and number of
-pairs, evaluation sets, what to predict, the tower-output cache); the data module reads the
-module through :class:`DataConsumer` (whether unpaired images are needed at all). Either side
-can be replaced by any class with these members; no other attribute is probed.
+The module reads the data through small protocols, each checked on its own: training
+(:class:`TrainingData`: keyword vocabulary and number of pairs), evaluation
+(:class:`EvaluationData`), prediction (:class:`PredictionData`) and the tower-output cache
+(:class:`TowerOutputData`); the data module reads the module through :class:`DataConsumer`
+(whether unpaired images are needed at all). Either side can be replaced by any class with
+these members; no other attribute is probed.
 """
 
 from __future__ import annotations
@@ -34,16 +36,26 @@ class TrainInfo:
 
 @runtime_checkable
 class TrainingData(Protocol):
-    """A data module the module can train, evaluate and predict with
-    (:class:`~sclip_lightning.SCLIPDataModule` is one)."""
+    """A data module the module trains with reads ``train_info()`` (your own LightningDataModule
+    needs only this to train; without it the module takes its ``keyword_vocabulary``)."""
 
     def train_info(self) -> TrainInfo:
         """The keyword vocabulary and the number of pairs (sets up "fit" if needed)."""
         ...
 
+
+@runtime_checkable
+class EvaluationData(Protocol):
+    """A data module the module evaluates with: which set each val / test loader is."""
+
     def eval_specs(self, stage: str) -> list[EvalSpec]:
         """The evaluation sets of ``"val"`` or ``"test"``, in dataloader order."""
         ...
+
+
+@runtime_checkable
+class PredictionData(Protocol):
+    """A data module ``predict`` labels images of."""
 
     def predict_spec(self) -> EvalSpec:
         """The classes and templates of ``predict`` (after ``predict_dataloader``)."""
@@ -52,6 +64,11 @@ class TrainingData(Protocol):
     def predict_paths(self) -> list[str]:
         """The image path of every ``predict`` index."""
         ...
+
+
+@runtime_checkable
+class TowerOutputData(Protocol):
+    """A data module that can serve frozen-tower outputs (the module's ``tower_cache``)."""
 
     def use_tower_outputs(
         self,

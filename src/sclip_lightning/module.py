@@ -15,7 +15,7 @@ from sclip_lightning import distributed
 from sclip_lightning.callbacks import Nonfinite, NonFiniteGuard, ResultsWriter, logs_this_step
 from sclip_lightning.checkpoint import RandomStateCheckpoint
 from sclip_lightning.evaluation import EvaluationSteps
-from sclip_lightning.interfaces import TrainingData
+from sclip_lightning.interfaces import TowerOutputData, TrainingData
 from sclip_lightning.losses import Objective, SCLIPLoss, build_component
 from sclip_lightning.losses.component import check_choice
 from sclip_lightning.models import build_model, build_tokenizer, register_model_configs
@@ -143,10 +143,9 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         return self.hparams
 
     @property
-    def data(self) -> TrainingData | None:
-        """The Trainer's data module, when it provides :class:`TrainingData`."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return dm if isinstance(dm, TrainingData) else None
+    def data(self) -> Any:
+        """The Trainer's data module (or None); read through :mod:`~sclip_lightning.interfaces`."""
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
     def configure_models(self) -> None:
         """Build ``self.model`` (open_clip) and ``self.tokenizer``; apply tower locking."""
@@ -257,7 +256,7 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         """Take the keyword vocabulary and the number of pairs from the data module, tokenize
         the keywords, set up the objective, and hand locked towers to the cache."""
         dm = self.data
-        info = dm.train_info() if dm is not None else None
+        info = dm.train_info() if isinstance(dm, TrainingData) else None
         if self.keywords is None:
             self.keywords = list(info.keywords) if info is not None else []
         words = [self._hp.keyword_template.format(k) for k in self.keywords]
@@ -269,10 +268,10 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         if self._hp.tower_cache is not None and stage != "predict":
             self.configure_tower_cache(dm)
 
-    def configure_tower_cache(self, datamodule: TrainingData | None) -> None:
+    def configure_tower_cache(self, datamodule: Any) -> None:
         """Cut the locked towers; hand their frozen parts to the data module's cache."""
         hp = self._hp
-        if datamodule is None:
+        if not isinstance(datamodule, TowerOutputData):
             raise ValueError("tower_cache needs a data module that serves tower outputs")
         self.towers = CachedTowers(
             self.model, hp.tower_cache, hp.tower_cache_dir, model=hp.model_name,

@@ -100,8 +100,9 @@ class SupportBank(nn.Module):
             return image, text, candidates, None, labels
         bank = self._on(image.device)
         valid = bank["ids"] != -1  # -1: never filled (-2: filled, id unknown)
-        if ids is not None:
-            valid &= ~torch.isin(bank["ids"], ids)
+        if ids is not None:  # a broadcast comparison, not torch.isin: with more than ~30 ids
+            # isin sorts and calls unique(), whose output size costs a host sync on CUDA
+            valid &= ~(bank["ids"][:, None] == ids[None, :]).any(dim=1)
         mask = torch.cat([valid.new_ones(image.shape[0]), valid])
         s_image = torch.cat([image, bank["image"].to(image.dtype)])
         s_text = torch.cat([text, bank["text"].to(text.dtype)])
