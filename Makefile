@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-gpu lint format typecheck demo bench bench-shards bench-memory real-benchmark real-benchmark-finetune wheelhouse install-offline gpu-check gpu-check-images clean
+.PHONY: install test test-slow test-gpu lint format typecheck demo bench bench-cache bench-shards bench-memory real-benchmark real-benchmark-finetune wheelhouse install-offline gpu-check gpu-check-images clean
 
 install:  ## create .venv and install the package with dev + offline extras
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,9 @@ bench:  ## loss and training-step benchmarks (ratios against baselines in the sa
 	$(PYTHON) bench/loss.py
 	$(PYTHON) bench/step.py
 	@if [ -f ../shared/data/rsicd-mini/dataset_rsicd.json ]; then $(PYTHON) bench/data.py; else echo "bench/data.py skipped: ../shared/data/rsicd-mini not found"; fi
+
+bench-cache:  ## first tower-cache pass on rsicd-mini: the pass before issue 21 vs now, images/s, ratio, output differences
+	$(PYTHON) bench/tower_cache.py --n 512 --repeats 3 --breakdown
 
 bench-shards:  ## WebDataset shard loader vs folder loader, 100k synthetic images (written once)
 	$(PYTHON) bench/shards.py --batches 100 --out docs/shards.json

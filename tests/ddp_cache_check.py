@@ -1,5 +1,6 @@
-"""A 2-process (gloo, CPU) S-CLIP fit (SGD: see helpers.SGDModule) of the tiny timm + HF model, with or without the
-tower-output cache; rank 0 saves the final weights. tests/test_tower_cache.py compares them.
+"""A 2-process (gloo, CPU) float64 S-CLIP fit (SGD: see helpers.SGDModule) of the tiny timm + HF
+model, with or without the tower-output cache; rank 0 saves the final weights.
+tests/test_tower_cache.py compares them (to 1e-10: float64, see F64 there).
 
 Usage: python tests/ddp_cache_check.py OUT.pt {none,both} MODEL_CONFIG_DIR SYNTHETIC_ROOT
 """
@@ -42,6 +43,7 @@ def main(out: str, cache: str, config_dir: str, root: str) -> None:
         accelerator="cpu",
         devices=2,
         strategy="ddp",
+        precision="64-true",
         max_steps=4,
         limit_val_batches=0,
         logger=False,

@@ -10,14 +10,12 @@ these members; no other attribute is probed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
-
 if TYPE_CHECKING:
+    from sclip_lightning.data.tower_cache import Pass
     from sclip_lightning.evaluation import EvalSpec
 
 
@@ -72,8 +70,8 @@ class TowerOutputData(Protocol):
 
     def use_tower_outputs(
         self,
-        image_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-        text_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+        image_pass: Pass | None,
+        text_pass: Pass | None,
         image_key: dict[str, Any] | None,
         text_key: dict[str, Any] | None,
         directory: str | Path | None,

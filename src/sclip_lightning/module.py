@@ -273,8 +273,9 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         hp = self._hp
         if not isinstance(datamodule, TowerOutputData):
             raise ValueError("tower_cache needs a data module that serves tower outputs")
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         self.towers = CachedTowers(
-            self.model, hp.tower_cache, hp.tower_cache_dir, model=hp.model_name,
+            self.model, hp.tower_cache, hp.tower_cache_dir, precision, model=hp.model_name,
             pretrained=str(hp.pretrained), image_size=hp.image_size,
         )  # fmt: skip
         self.towers.attach(datamodule, lambda: self.device)

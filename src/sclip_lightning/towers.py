@@ -8,6 +8,12 @@ training runs only the rest. :func:`freeze_locked_modules` keeps frozen parts in
 (no dropout, BatchNorm running statistics), so their outputs are a function of the input
 alone, with or without the cache.
 
+The cache pass runs each frozen part once over a whole data set; :attr:`TowerSplit.inference`
+builds a faster equivalent for that pass where one is known (timm EfficientNet-style trunks:
+a copy with BatchNorm folded into the convolution before it, channels-last layout, CPU batches
+of :data:`CPU_BATCH`), equal to the frozen part up to float rounding
+(``bench/tower_cache.py`` measures both).
+
 Supported boundaries:
 
 - image, open_clip ``TimmModel`` (e.g. the offline EfficientNet-lite0): the frozen prefix of
@@ -20,8 +26,10 @@ Supported boundaries:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +47,9 @@ class TowerSplit:
         head: frozen outputs -> the tower's (unnormalised) embedding.
         modules: the frozen modules (their weights key the cache).
         boundary: a readable description of the cut (also part of the cache key).
+        inference: builds, for one pass over a data set, a faster function equal to
+            ``frozen`` up to float rounding (see :func:`inference_copy`); None: use
+            ``frozen`` itself.
     """
 
     tower: str
@@ -46,6 +57,7 @@ class TowerSplit:
     head: Callable[[torch.Tensor], torch.Tensor]
     modules: list[nn.Module]
     boundary: str
+    inference: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def digest(self) -> str:
         """SHA-1 of the frozen weights and buffers (a changed weight never reuses a cache)."""
@@ -89,6 +101,127 @@ def _stages(trunk: Any) -> list[nn.Module] | None:
     return [trunk.conv_stem, trunk.bn1, *blocks, trunk.conv_head, trunk.bn2]
 
 
+#: images per forward of the CPU cache pass: EfficientNet-lite0 at 150 px runs faster in
+#: batches of 16-32 than of 128 on a 2-core CPU (smaller activations stay in the processor's
+#: caches; docs/performance.md, bench/tower_cache.py --breakdown); other devices take the
+#: loader's batch whole
+CPU_BATCH = 32
+
+
+def _fold_pairs() -> dict[Any, tuple[tuple[str, str], ...]]:
+    """(convolution, BatchNorm) attribute pairs that a module's forward runs back to back,
+    keyed by the forward function (a subclass with its own forward is not matched)."""
+    try:
+        from timm.models import _efficientnet_blocks as blocks
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:  # pragma: no cover - timm comes with open_clip's timm towers
+        return {}
+    s2d = ("conv_s2d", "bn_s2d")
+    return {
+        blocks.ConvBnAct.forward: (("conv", "bn1"),),
+        blocks.DepthwiseSeparableConv.forward: (s2d, ("conv_dw", "bn1"), ("conv_pw", "bn2")),
+        blocks.InvertedResidual.forward: (
+            s2d,
+            ("conv_pw", "bn1"),
+            ("conv_dw", "bn2"),
+            ("conv_pwl", "bn3"),
+        ),
+        blocks.EdgeResidual.forward: (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
+        EfficientNet.forward_features: (("conv_stem", "bn1"), ("conv_head", "bn2")),
+    }
+
+
+def _fold_pair(conv: Any, bn: Any) -> nn.Module | None:
+    """Fold eval-mode BatchNorm ``bn`` into the convolution ``conv`` that feeds it (in place)
+    and return what replaces ``bn`` (its dropout and activation); None, and ``conv``
+    unchanged, where either is not a plain 2-D convolution / BatchNorm with running stats.
+
+    ``bn(conv(x)) = conv'(x)`` with ``W' = W * s``, ``b' = beta + (b - mean) * s``,
+    ``s = gamma / sqrt(var + eps)`` per output channel (computed in float64)."""
+    from timm.layers import BatchNormAct2d, Conv2dSame
+
+    conv_forwards = (nn.Conv2d.forward, Conv2dSame.forward)
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward not in conv_forwards:
+        return None
+    if type(bn).forward not in (nn.BatchNorm2d.forward, BatchNormAct2d.forward):
+        return None
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return None
+    with torch.no_grad():
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+        scale = gamma / torch.sqrt(var + bn.eps)
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+        weight = conv.weight.double() * scale.reshape(-1, *[1] * (conv.weight.dim() - 1))
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        conv.bias = nn.Parameter(
+            (beta + (bias - mean) * scale).to(conv.weight.dtype), requires_grad=False
+        )
+    if isinstance(bn, BatchNormAct2d):
+        return nn.Sequential(bn.drop, bn.act)
+    return nn.Identity()
+
+
+def fold_batchnorm(root: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm of ``root`` that directly follows a convolution in a
+    known timm EfficientNet-style forward into that convolution (in place: use on a copy).
+    Returns how many were folded."""
+    pairs = _fold_pairs()
+    folded = 0
+    for module in list(root.modules()):
+        kind = type(module)
+        known = pairs.get(kind.forward) or pairs.get(getattr(kind, "forward_features", None))
+        for conv_name, bn_name in known or ():
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            replacement = None if conv is None or bn is None else _fold_pair(conv, bn)
+            if replacement is not None:
+                setattr(module, bn_name, replacement)
+                folded += 1
+    return folded
+
+
+def inference_copy(
+    modules: list[nn.Module],
+    forward: Callable[[list[nn.Module]], Callable[[torch.Tensor], torch.Tensor]],
+) -> Callable[[], Callable[[torch.Tensor], torch.Tensor]]:
+    """A builder of the cache pass's version of a frozen image part.
+
+    Args:
+        modules: the frozen modules (the split's ``modules``).
+        forward: copies of ``modules`` -> the frozen function over them (as ``frozen`` is
+            over ``modules``).
+
+    Returns:
+        A function that copies the modules (eval mode), folds BatchNorm into the
+        convolutions before it (adjacent entries of ``modules`` and, inside each module,
+        the pairs of :func:`fold_batchnorm`), converts the copy to channels-last layout, and
+        returns pixels -> outputs (contiguous), run in batches of :data:`CPU_BATCH` on a CPU.
+        Its outputs equal ``frozen``'s up to float rounding (the summation order of the
+        channels-last kernels and of the folded weights differ).
+    """
+
+    def build() -> Callable[[torch.Tensor], torch.Tensor]:
+        copies = list(copy.deepcopy(nn.ModuleList(modules)).eval())
+        for i in range(len(copies) - 1):  # e.g. (conv_stem, bn1) of a cut trunk's stages
+            replacement = _fold_pair(copies[i], copies[i + 1])
+            if replacement is not None:
+                copies[i + 1] = replacement
+        for module in copies:
+            fold_batchnorm(module)
+            module.to(memory_format=torch.channels_last)
+        run = forward(copies)
+
+        def frozen(pixels: torch.Tensor) -> torch.Tensor:
+            chunks = pixels.split(CPU_BATCH) if pixels.device.type == "cpu" else (pixels,)
+            outs = [run(c.contiguous(memory_format=torch.channels_last)) for c in chunks]
+            return torch.cat(outs).contiguous()
+
+        return frozen
+
+    return build
+
+
 def image_split(model: Any) -> TowerSplit:
     """The frozen part of ``model.visual`` and the trainable rest.
 
@@ -101,7 +234,12 @@ def image_split(model: Any) -> TowerSplit:
     if trunk is not None and hasattr(visual, "head"):  # open_clip TimmModel
         if _frozen(trunk):
             return TowerSplit(
-                "image", trunk, lambda h: visual.head(h), [trunk], f"timm {type(trunk).__name__}"
+                "image",
+                trunk,
+                lambda h: visual.head(h),
+                [trunk],
+                f"timm {type(trunk).__name__}",
+                inference_copy([trunk], lambda copies: copies[0]),
             )
         stages = _stages(trunk)
         if stages is not None:
@@ -116,6 +254,7 @@ def image_split(model: Any) -> TowerSplit:
                     lambda h: visual.head(trunk.forward_head(rest(h))),
                     stages[:k],
                     f"timm {type(trunk).__name__} after module {k} of {len(stages)}",
+                    inference_copy(stages[:k], _run),
                 )
         raise ValueError(
             f"the image tower ({type(trunk).__name__}) has no frozen part this cache can cut "
@@ -264,34 +403,65 @@ class CachedTowers:
         towers: which towers to cut: ``"image"``, ``"text"`` or ``"both"``.
         directory: cache folder for the outputs (``"default"``: ``$SCLIP_CACHE/tower_outputs``),
             or None to keep them in memory.
+        precision: the Trainer's precision. A converted one (``64-true``, ``16-true``,
+            ``bf16-true``) runs the frozen weights in another dtype: other outputs, so it keys
+            its own files; ``32-true`` and the mixed precisions (the cache pass runs outside
+            autocast) compute in float32 and share the float32 files.
         **key: what the cached outputs depend on besides the data and the frozen weights
             (model name, weights tag, image size).
     """
 
-    def __init__(self, clip_model: Any, towers: str, directory: str | None, **key: Any) -> None:
+    def __init__(
+        self,
+        clip_model: Any,
+        towers: str,
+        directory: str | None,
+        precision: str = "32-true",
+        **key: Any,
+    ) -> None:
         from sclip_lightning.models import cache_dir
 
         which = ("image", "text") if towers == "both" else (towers,)
         split = {"image": image_split, "text": text_split}
         self.splits = {t: split[t](clip_model) for t in which}
+        if precision.endswith("-true") and precision != "32-true":
+            key["precision"] = precision
         self.keys = cache_keys(self.splits, **key)
         self.directory = str(cache_dir() / "tower_outputs") if directory == "default" else directory
         self._memo: dict[Any, torch.Tensor] = {}
 
     def attach(self, datamodule: Any, device: Callable[[], torch.device]) -> None:
         """Hand the frozen parts to ``datamodule`` (``use_tower_outputs``), which serves their
-        outputs from then on; they run on ``device()`` (the module's device at the time)."""
+        outputs from then on; they run on ``device()`` (the module's device at the time), one
+        :meth:`frozen_pass` per data set."""
 
-        def run(tower: str, inputs: torch.Tensor) -> torch.Tensor:
-            return self.frozen_outputs(tower, inputs.to(device()))
+        def opener(tower: str) -> Callable[[], Any] | None:
+            return (lambda: self.frozen_pass(tower, device())) if tower in self.splits else None
 
         datamodule.use_tower_outputs(
-            image_fn=(lambda x: run("image", x)) if "image" in self.splits else None,
-            text_fn=(lambda x: run("text", x)) if "text" in self.splits else None,
+            image_pass=opener("image"),
+            text_pass=opener("text"),
             image_key=self.keys.get("image"),
             text_key=self.keys.get("text"),
             directory=self.directory,
         )
+
+    @contextlib.contextmanager
+    def frozen_pass(
+        self, tower: str, device: torch.device | None = None
+    ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """The frozen part of ``tower`` for one pass over a data set (the cache pass): the
+        split's inference copy where it has one (:func:`inference_copy`), the frozen part
+        itself otherwise; inputs are moved to ``device`` (default: the weights' device) and
+        pixels to the weights' dtype; no gradient, eval mode."""
+        with self._eval(tower) as split:
+            frozen = split.inference() if split.inference is not None else split.frozen
+
+            @torch.no_grad()
+            def run(inputs: torch.Tensor) -> torch.Tensor:
+                return frozen(_as_weights(split, inputs, device))
+
+            yield run
 
     def head(self, tower: str, outputs: torch.Tensor) -> torch.Tensor:
         """The trainable rest of ``tower`` on its frozen outputs (unnormalised embedding)."""
@@ -299,13 +469,19 @@ class CachedTowers:
 
     @torch.no_grad()
     def frozen_outputs(self, tower: str, inputs: torch.Tensor) -> torch.Tensor:
-        """The frozen part of ``tower`` on ``inputs`` (eval mode, no gradient)."""
+        """The frozen part of ``tower`` on ``inputs`` (the training modules themselves: eval
+        mode, no gradient; pixels in the weights' dtype)."""
+        with self._eval(tower) as split:
+            return split.frozen(_as_weights(split, inputs, None))
+
+    @contextlib.contextmanager
+    def _eval(self, tower: str) -> Iterator[TowerSplit]:
         split = self.splits[tower]
         modes = [m.training for m in split.modules]
         for m in split.modules:
             m.eval()
         try:
-            return split.frozen(inputs)
+            yield split
         finally:
             for m, was in zip(split.modules, modes, strict=True):
                 m.train(was)
@@ -317,3 +493,17 @@ class CachedTowers:
         if key not in self._memo:
             self._memo[key] = self.frozen_outputs("text", tokens).cpu()
         return self._memo[key].to(tokens.device)
+
+
+def _as_weights(
+    split: TowerSplit, inputs: torch.Tensor, device: torch.device | None
+) -> torch.Tensor:
+    """``inputs`` on ``device`` (None: the frozen weights' device), pixels in the frozen
+    weights' dtype (what the precision plugin does to a batch: 64-true gets float64 pixels)."""
+    weight = next(split.modules[0].parameters(), None)
+    if device is None and weight is not None:
+        device = weight.device
+    inputs = inputs.to(device) if device is not None else inputs
+    if inputs.is_floating_point() and weight is not None and weight.is_floating_point():
+        inputs = inputs.to(weight.dtype)
+    return inputs

@@ -28,7 +28,7 @@ from sclip_lightning.data.keywords import (
 )
 from sclip_lightning.data.sampling import ResumableLoader, eval_loader, training_position
 from sclip_lightning.data.shards import ShardLoader, ShardStream, check_streamed
-from sclip_lightning.data.tower_cache import TowerOutputCache, TowerOutputs
+from sclip_lightning.data.tower_cache import Pass, TowerOutputCache, TowerOutputs
 from sclip_lightning.evaluation import EvalSpec
 from sclip_lightning.interfaces import DataConsumer, TrainInfo
 from sclip_lightning.losses.component import check_choice
@@ -243,8 +243,8 @@ class SCLIPDataModule(L.LightningDataModule):
     # ------------------------------------------------------ tower outputs
     def use_tower_outputs(
         self,
-        image_fn=None,
-        text_fn=None,
+        image_pass: Pass | None = None,
+        text_pass: Pass | None = None,
         image_key: dict[str, Any] | None = None,
         text_key: dict[str, Any] | None = None,
         directory: str | Path | None = None,
@@ -254,14 +254,14 @@ class SCLIPDataModule(L.LightningDataModule):
         evaluation set are computed on first use and kept (in memory, or under
         ``directory``); ``predict`` keeps reading pixels. ValueError when images are to be
         cached but training augmentation is random."""
-        if image_fn is not None and self._hp.augment:
+        if image_pass is not None and self._hp.augment:
             raise ValueError(
                 "the image tower-output cache needs deterministic training images: set "
                 "data.augment: false (random crops would be frozen into the cache)"
             )
         self.setup("fit")
         self.tower_outputs = TowerOutputCache(
-            image_fn, text_fn, image_key or {}, text_key or {}, self.eval_transform,
+            image_pass, text_pass, image_key or {}, text_key or {}, self.eval_transform,
             self.tokenizer, directory, self._hp.eval_batch_size, self._hp.num_workers,
         )  # fmt: skip
 
@@ -308,7 +308,7 @@ class SCLIPDataModule(L.LightningDataModule):
             )
         loaders: dict[str, DataLoader] = {"paired": self._train_loader(paired, hp.batch_size, 0)}
         if self.loads_unpaired() and self.unpaired_shards is not None:
-            if self.tower_outputs is not None and self.tower_outputs.image_fn is not None:
+            if self.tower_outputs is not None and self.tower_outputs.image_pass is not None:
                 raise ValueError(
                     "the image tower-output cache reads every image once up front; unpaired "
                     "images streamed from shards are not cached: use tower_cache: text"

@@ -13,6 +13,7 @@ Under DDP each rank computes a share of the samples and the shares are all-gathe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,6 +69,11 @@ class _Images(Dataset):
         return self.transform(item["image"]), self.where.get(str(item.get("path")), i)
 
 
+#: opens the frozen part of a tower for one pass over a data set: a context manager giving
+#: inputs -> outputs (the frozen part's modules in eval mode for the pass's duration)
+Pass = Callable[[], contextlib.AbstractContextManager[Callable[[torch.Tensor], torch.Tensor]]]
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -76,8 +82,12 @@ class TowerOutputCache:
     """Computes, stores and serves frozen-tower outputs of data sets.
 
     Args:
-        image_fn: pixels (B, 3, H, W) -> frozen image outputs, or None (images not cached).
-        text_fn: tokens (B, L) -> frozen text outputs, or None (captions not cached).
+        image_pass: opens the frozen image part for one pass over a data set (a context
+            manager giving pixels (B, 3, H, W) -> frozen outputs, e.g.
+            :meth:`~sclip_lightning.towers.CachedTowers.frozen_pass`), or None (images not
+            cached).
+        text_pass: the same for tokens (B, L) -> frozen text outputs, or None (captions not
+            cached).
         image_key, text_key: what the outputs depend on besides the data (model, frozen
             weights digest, cut, image size, transform / tokenizer); part of the file name.
         transform: the (deterministic) image transform.
@@ -88,8 +98,8 @@ class TowerOutputCache:
 
     def __init__(
         self,
-        image_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-        text_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+        image_pass: Pass | None,
+        text_pass: Pass | None,
         image_key: dict[str, Any],
         text_key: dict[str, Any],
         transform: Callable,
@@ -98,7 +108,7 @@ class TowerOutputCache:
         batch_size: int = 256,
         num_workers: int = 0,
     ) -> None:
-        self.image_fn, self.text_fn = image_fn, text_fn
+        self.image_pass, self.text_pass = image_pass, text_pass
         self.image_key, self.text_key = image_key, text_key
         self.transform, self.tokenizer = transform, tokenizer
         self.directory = None if directory is None else Path(directory)
@@ -120,13 +130,13 @@ class TowerOutputCache:
             "n": len(base),
             "paths": _digest([str(p) for p in getattr(base, "paths", [])]),
         }
-        if self.image_fn is not None:
+        if self.image_pass is not None:
             key = {**self.image_key, **data, "transform": repr(self.transform)}
             images, source = self._cached(
                 f"{name} images", key, lambda: self._compute_images(name, base)
             )
             out.images, out.image_source = images, source
-        if captions and self.text_fn is not None:
+        if captions and self.text_pass is not None:
             caps = base.captions
             key = {**self.text_key, **data, "captions": _digest(caps)}
             out.captions, _ = self._cached(
@@ -163,7 +173,7 @@ class TowerOutputCache:
 
     @torch.no_grad()
     def _compute_images(self, name: str, base: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.image_fn is not None
+        assert self.image_pass is not None
         indices = _my_share(len(base))
         loader = DataLoader(
             _Images(base, self.transform, indices),
@@ -171,27 +181,34 @@ class TowerOutputCache:
             num_workers=self.num_workers,
         )
         outs, sources = [], []
-        for pixels, source in _progress(loader, f"tower outputs: {name} images"):
-            out = self.image_fn(pixels).float()
-            outs.append(out)
-            sources.append(source.to(out.device))  # NCCL gathers device tensors only
+        with self.image_pass() as frozen:
+            for pixels, source in _progress(loader, f"tower outputs: {name} images"):
+                out = _stored(frozen(pixels))
+                outs.append(out)
+                sources.append(source.to(out.device))  # NCCL gathers device tensors only
         return _gather_share(torch.cat(outs), len(base)), _gather_share(
             torch.cat(sources), len(base)
         )
 
     @torch.no_grad()
     def _compute_texts(self, name: str, captions: Sequence[Sequence[str]]) -> torch.Tensor:
-        assert self.text_fn is not None
+        assert self.text_pass is not None
         flat = [c for caps in captions for c in caps]
         unique = sorted(set(flat), key=lambda c: (len(c), c))  # similar lengths batch together
         mine = _my_share(len(unique))
         outs = []
         chunks = [mine[s : s + self.batch_size] for s in range(0, len(mine), self.batch_size)]
-        for chunk in _progress(chunks, f"tower outputs: {name} captions"):
-            outs.append(self.text_fn(self.tokenizer([unique[i] for i in chunk])).float())
+        with self.text_pass() as frozen:
+            for chunk in _progress(chunks, f"tower outputs: {name} captions"):
+                outs.append(_stored(frozen(self.tokenizer([unique[i] for i in chunk]))))
         table = _gather_share(torch.cat(outs), len(unique))
         row = {c: i for i, c in enumerate(unique)}
         return table[torch.tensor([row[c] for c in flat], dtype=torch.long)]
+
+
+def _stored(out: torch.Tensor) -> torch.Tensor:
+    """Outputs as stored: float32, float64 kept (a float64 run stays exact end to end)."""
+    return out if out.dtype == torch.float64 else out.float()
 
 
 def _my_share(n: int) -> list[int]:
