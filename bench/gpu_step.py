@@ -1,8 +1,10 @@
-"""GPU throughput of the training step: CLIP vs S-CLIP, same number of encoded images.
+"""GPU throughput of the training step in a hand-written loop: CLIP vs S-CLIP.
 
-Random-init open_clip model (default ViT-B-32), bf16 autocast, B paired + B unpaired
-images per step for S-CLIP (45 keyword texts) and 2B pairs for CLIP; forward, backward,
-AdamW. Prints samples/s (images per second), peak memory and the ratio.
+The loop baseline of ``make gpu-check`` (``bench/throughput.py`` measures the same step
+through the Trainer; the difference is what Lightning adds). Random-init open_clip model
+(default ViT-B-32), bf16 autocast, B paired + B unpaired images per step for S-CLIP (45
+keyword texts) and 2B pairs for CLIP; forward, backward, AdamW. Prints samples/s (images
+per second), peak memory and the ratio.
 Usage: python bench/gpu_step.py [--model ViT-B-32] [--b 64] [--steps 50] [--device cuda]
 """
 
@@ -15,12 +17,14 @@ import warnings
 import torch
 
 from sclip_lightning import SCLIPModule
+from sclip_lightning.losses import CLIPLoss, SCLIPLoss
 
 
 def run(method, args, device):
     torch.manual_seed(0)
     vocab = [f"keyword {i}" for i in range(45)]
-    m = SCLIPModule(model_name=args.model, method=method, keyword_vocabulary=vocab).to(device)
+    criterion = SCLIPLoss() if method == "sclip" else CLIPLoss()
+    m = SCLIPModule(model_name=args.model, criterion=criterion, keyword_vocabulary=vocab).to(device)
     m.setup("fit")
     size = m.model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from release_reference import release_loss  # noqa: E402
 
-from sclip_lightning.losses import SCLIPLoss  # noqa: E402
+from sclip_lightning.losses import SCLIPLoss, UnbalancedOTAssigner  # noqa: E402
 
 
 def inputs(b, d, k, seed=0):
@@ -81,8 +81,8 @@ def main(argv=None):
     clip = ClipLoss()
     losses = {
         "recommended": SCLIPLoss(),
-        "released": SCLIPLoss.as_released(),
-        "unbalanced": SCLIPLoss(assigner="unbalanced_ot"),
+        "released": SCLIPLoss.released(),
+        "unbalanced": SCLIPLoss(assigner=UnbalancedOTAssigner()),
     }
     print(f"D={args.dim}, K={args.keywords}, threads={torch.get_num_threads()}, median ms")
     cols = ["ClipLoss", "recommended", "released", "bank 4B", "unbalanced", "loop"]

@@ -23,16 +23,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sclip_lightning.losses import build_assigner
+from sclip_lightning.losses import (
+    CLIPLoss,
+    HardNNAssigner,
+    OTAssigner,
+    SoftNNAssigner,
+    UnbalancedOTAssigner,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ASSIGNERS = {
-    "OT (S-CLIP)": ("ot", {}),
-    "unbalanced OT, reg_m 0.2": ("unbalanced_ot", {"reg_m": 0.2}),
-    "unbalanced OT, reg_m 0.05": ("unbalanced_ot", {"reg_m": 0.05}),
-    "unbalanced OT, reg_m 0.01": ("unbalanced_ot", {"reg_m": 0.01}),
-    "Soft-PL": ("soft_nn", {}),
-    "Hard-PL": ("hard_nn", {}),
+    "OT (S-CLIP)": OTAssigner(),
+    "unbalanced OT, reg_m 0.2": UnbalancedOTAssigner(reg_m=0.2),
+    "unbalanced OT, reg_m 0.05": UnbalancedOTAssigner(reg_m=0.05),
+    "unbalanced OT, reg_m 0.01": UnbalancedOTAssigner(reg_m=0.01),
+    "Soft-PL": SoftNNAssigner(),
+    "Hard-PL": HardNNAssigner(),
 }
 
 
@@ -44,7 +50,7 @@ def rsicd_features():
     cli = build_cli(["--config", str(REPO / "configs" / "real" / "rsicd_mini_lit.yaml")], run=False)
     dm, module = cli.datamodule, cli.model
     dm.setup("fit")
-    module.configure_tower_cache(dm)
+    module.configure_tower_cache(dm)  # what setup does when tower_cache is on
     feats = dm.tower_outputs.outputs(f"{dm.hparams.dataset}/train", dm.train_base, False).images
     classes = RSICDClasses(dm.root, split="train")
     label_of = {p.name: y for p, y in zip(classes.paths, classes.labels, strict=True)}
@@ -62,7 +68,7 @@ def synthetic_features(steps: int):
 
     L.seed_everything(0, verbose=False)
     dm = SCLIPDataModule(num_workers=1, model_name="sclip-tiny-rn", hidden_labels=True)
-    module = SCLIPModule(model_name="sclip-tiny-rn", method="clip", lr=1e-3, warmup_steps=50)
+    module = SCLIPModule(model_name="sclip-tiny-rn", criterion=CLIPLoss(), lr=1e-3, warmup_steps=50)
     L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -115,8 +121,8 @@ def main(argv=None):
                 iu = torch.randperm(len(yu), generator=g)[: args.queries]
                 lp, lu = yp[ip], yu[iu]
                 present += (lu[:, None] == lp[None, :]).any(1).float().mean().item()
-                for name, (kind, options) in ASSIGNERS.items():
-                    plan = build_assigner(kind, options)(xu[iu], xp[ip], xp[ip], scale)
+                for name, assigner in ASSIGNERS.items():
+                    plan = assigner(xu[iu], xp[ip], xp[ip], scale)
                     acc[name] += (lp[plan.argmax(1)] == lu).float().mean().item()
             label = "all pairs (bank)" if n == len(yp) else str(n)
             cells = " | ".join(f"{100 * acc[a] / args.batches:.1f}" for a in ASSIGNERS)

@@ -40,52 +40,56 @@ REPO = HERE.parents[1]
 LIT = REPO / "configs" / "real" / "rsicd_mini_lit.yaml"
 CONFIGS = {"lit": [LIT], "finetune": [LIT, REPO / "configs" / "real" / "rsicd_mini_finetune.yaml"]}
 
-#: method -> overrides of the config (CLI syntax, without the leading "--")
+#: method -> overrides of the config (CLI syntax, without the leading "--"); the configs'
+#: objective is SCLIPLoss, so single options are set under criterion.init_args
+OBJ = "model.init_args.criterion"
+CLIP = {OBJ: "sclip_lightning.losses.CLIPLoss"}
+BANK = {f"{OBJ}.init_args.support_bank_size": -1}
+UOT = {
+    f"{OBJ}.init_args.assigner": json.dumps(
+        {"class_path": "sclip_lightning.losses.UnbalancedOTAssigner", "init_args": {"reg_m": 0.05}}
+    )
+}
 METHODS: dict[str, dict[str, Any]] = {
-    "CLIP 10%": {"model.init_args.method": "clip"},
+    "CLIP 10%": CLIP,
     "S-CLIP 10%, 32+32": {},
     "S-CLIP 10%, 128+128": {
         "data.init_args.batch_size": 128,
         "data.init_args.unpaired_batch_size": 128,
     },
-    "S-CLIP 10%, 32+32, bank FIFO 96": {"model.init_args.support_bank_size": 96},
-    "S-CLIP 10%, 32+32, bank all pairs": {"model.init_args.support_bank_size": -1},
-    "S-CLIP 10%, 32+32, bank all pairs, unbalanced OT": {
-        "model.init_args.support_bank_size": -1,
-        "model.init_args.assigner": "unbalanced_ot",
-        "model.init_args.assigner_kwargs": '{"reg_m": 0.05}',
-    },
-    "CLIP 100% (ceiling)": {"model.init_args.method": "clip", "data.init_args.label_ratio": 1.0},
+    "S-CLIP 10%, 32+32, bank FIFO 96": {f"{OBJ}.init_args.support_bank_size": 96},
+    "S-CLIP 10%, 32+32, bank all pairs": BANK,
+    "S-CLIP 10%, 32+32, bank all pairs, unbalanced OT": {**BANK, **UOT},
+    "CLIP 100% (ceiling)": {**CLIP, "data.init_args.label_ratio": 1.0},
 }
 FINETUNE_METHODS = ["CLIP 10%", "S-CLIP 10%, 32+32", "S-CLIP 10%, 32+32, bank all pairs"]
-BANK = {"model.init_args.support_bank_size": -1}
 #: --diagnostics: one change at a time around S-CLIP 32+32 with the bank of all pairs, at one
 #: fixed learning rate (--diagnostics-lr), 3 seeds on test: why the bank helps or does not
 DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "bank all pairs (reference)": BANK,
     "bank all pairs, 128 unpaired per step": {**BANK, "data.init_args.unpaired_batch_size": 128},
-    "bank all pairs, unbalanced OT (reg_m 0.05)": {
-        **BANK,
-        "model.init_args.assigner": "unbalanced_ot",
-        "model.init_args.assigner_kwargs": '{"reg_m": 0.05}',
-    },
+    "bank all pairs, unbalanced OT (reg_m 0.05)": {**BANK, **UOT},
     "bank all pairs, pseudo-label warm-up 200 steps": {
         **BANK,
         "model.init_args.pseudo_label_warmup_steps": 200,
     },
-    "bank all pairs, caption weight 0.25": {**BANK, "model.init_args.caption_weight": 0.25},
-    "bank FIFO 224 (support 256)": {"model.init_args.support_bank_size": 224},
-    "bank FIFO 480 (support 512)": {"model.init_args.support_bank_size": 480},
+    "bank all pairs, caption weight 0.25": {**BANK, f"{OBJ}.init_args.caption_weight": 0.25},
+    "bank FIFO 224 (support 256)": {f"{OBJ}.init_args.support_bank_size": 224},
+    "bank FIFO 480 (support 512)": {f"{OBJ}.init_args.support_bank_size": 480},
     "no bank, 128 unpaired per step": {"data.init_args.unpaired_batch_size": 128},
-    "CLIP 10% at batch 128": {"model.init_args.method": "clip", "data.init_args.batch_size": 128},
+    "CLIP 10% at batch 128": {**CLIP, "data.init_args.batch_size": 128},
 }
 #: --protocol finetune --diagnostics: S-CLIP 32+32 with a top block of the image tower training;
 #: the objective options an early prototype of this regime differed in (the plan detached, the
 #: release's linear keyword weights), one at a time; the reference row is the main table's
 FINETUNE_DIAGNOSTICS: dict[str, dict[str, Any]] = {
-    "S-CLIP 32+32, plan detached (detach_plan: true)": {"model.init_args.detach_plan": True},
-    "S-CLIP 32+32, the release's objective (objective: released)": {
-        "model.init_args.objective": "released"
+    "S-CLIP 32+32, plan detached (detach_plan: true)": {
+        f"{OBJ}.init_args.assigner": json.dumps(
+            {"class_path": "sclip_lightning.losses.OTAssigner", "init_args": {"detach_plan": True}}
+        )
+    },
+    "S-CLIP 32+32, the release's objective (keyword_weighting: linear)": {
+        f"{OBJ}.init_args.keyword_weighting": "linear"
     },
 }
 #: hidden RSICD class labels, for the logged pseudo-label accuracy only (not seen by the losses)

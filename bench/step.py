@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from sclip_lightning import SCLIPModule
+from sclip_lightning.losses import CLIPLoss, SCLIPLoss
 
 
 def make_batch(module, bp, bu, k, seed=0):
@@ -73,14 +74,18 @@ def main(argv=None):
     sclip = SCLIPModule(model_name=args.model, keyword_vocabulary=vocab)
     sclip.setup("fit")
     torch.manual_seed(0)
-    clip = SCLIPModule(model_name=args.model, method="clip")
+    clip = SCLIPModule(model_name=args.model, criterion=CLIPLoss())
     clip.setup("fit")
     b_s = make_batch(sclip, args.b, args.b, args.keywords)
     b_c = make_batch(clip, 2 * args.b, 0, 0)
     variants = {"CLIP": (clip, b_c), "S-CLIP": (sclip, b_s)}
     if args.bank:
         torch.manual_seed(0)
-        banked = SCLIPModule(model_name=args.model, keyword_vocabulary=vocab, support_bank_size=-1)
+        banked = SCLIPModule(
+            model_name=args.model,
+            keyword_vocabulary=vocab,
+            criterion=SCLIPLoss(support_bank_size=-1),
+        )
         banked.setup("fit")
         bank = banked.criterion.bank
         bank.set_capacity(args.bank)

@@ -30,6 +30,7 @@ import pandas as pd
 from lightning.pytorch.loggers import CSVLogger
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
+from sclip_lightning.losses import CLIPLoss, SCLIPLoss
 from sclip_lightning.results import markdown_table
 
 STEPS = int(os.environ.get("SCLIP_NB_STEPS", 300))  # the test suite sets a handful
@@ -39,7 +40,8 @@ OUT = os.environ.get("SCLIP_NB_OUT", "outputs/notebooks/01_quickstart")
 # ## Data and model
 # `SCLIPDataModule` splits the captioned training set into pairs (`label_ratio`) and
 # unpaired images, and combines a paired and an unpaired loader. `SCLIPModule` wraps an
-# open_clip model; `method="clip"` trains the baseline on the pairs only.
+# open_clip model and takes its objective as a component: `SCLIPLoss()` (the default) or
+# `CLIPLoss()`, the baseline on the pairs only.
 
 
 # %%
@@ -56,7 +58,7 @@ def make(method: str, seed: int = 0):
     )
     module = SCLIPModule(
         model_name="sclip-tiny-rn",
-        method=method,
+        criterion=SCLIPLoss() if method == "sclip" else CLIPLoss(),
         lr=1e-3,
         warmup_steps=min(50, STEPS // 5),
         results_dir=f"{OUT}/{method}",

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
-from sclip_lightning.losses import assign, keyword_targets
+from sclip_lightning.losses import (
+    HardNNAssigner,
+    OTAssigner,
+    SoftNNAssigner,
+    UnbalancedOTAssigner,
+    assign,
+    keyword_targets,
+)
 from sclip_lightning.results import markdown_table
 
 STEPS = int(os.environ.get("SCLIP_NB_STEPS", 300))
@@ -84,10 +91,13 @@ with torch.no_grad():
     unp = module.encode_images(unpaired["image"])
     kw = module.encode_keywords()
     s = module.logit_scale()
-    plans = {
-        name: assign(unp, img, txt, s, assigner=name)
-        for name in ("ot", "unbalanced_ot", "soft_nn", "hard_nn")
+    assigners = {
+        "ot": OTAssigner(),
+        "unbalanced_ot": UnbalancedOTAssigner(),
+        "soft_nn": SoftNNAssigner(),
+        "hard_nn": HardNNAssigner(),
     }
+    plans = {name: assign(unp, img, txt, s, assigner=a) for name, a in assigners.items()}
 captions = [data.train_base.captions[i][0] for i in paired["index"].tolist()]
 
 # %% [markdown]
@@ -150,7 +160,7 @@ plt.show()
 # %%
 nearest = plans["ot"].argmax(dim=-1)
 cands = paired["keywords"][nearest].bool()
-targets = keyword_targets(unp, kw, cands, s, module.criterion.keyword.keyword_weighting)
+targets = keyword_targets(unp, kw, cands, s, module.criterion.keyword_weighting)
 rows = []
 for j in range(6):
     ks = cands[j].nonzero().squeeze(1).tolist()

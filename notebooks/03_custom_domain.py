@@ -19,7 +19,8 @@
 # The steps for your data: (1) a CSV with an `image` column (paths relative to the CSV) and
 # a `caption` column, optionally `split`; (2) mine a keyword vocabulary from the captions;
 # (3) train S-CLIP with a few captioned images and many uncaptioned ones; (4) evaluate;
-# (5) export the weights so plain `open_clip` loads them.
+# (5) export a folder in open_clip's hub layout that plain `open_clip` loads (and a model
+# hub takes as it is).
 #
 # To keep this runnable offline, step 0 writes such a folder from the embedded synthetic
 # domain. Replace `ROOT` with your own folder.
@@ -33,6 +34,7 @@ import lightning as L
 import matplotlib.pyplot as plt
 import open_clip
 import torch
+from PIL import Image
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
 from sclip_lightning.data.keywords import KeywordMatcher, mine_keywords
@@ -137,18 +139,35 @@ plt.show()
 
 # %% [markdown]
 # ## 4. Export and load with plain open_clip
+# `export` (the `sclip-export` command) writes `open_clip_config.json` (the model config and
+# the preprocessing training used), `open_clip_model.safetensors` and a `README.md` model
+# card with the test table above (found in the module's `results_dir`).
 
 # %%
 ckpt = OUT / "final.ckpt"
 trainer.save_checkpoint(ckpt)
-weights = export(ckpt, OUT / "open_clip_weights.pt")
-model = open_clip.create_model("sclip-tiny-rn", pretrained=str(weights))
+folder = export(ckpt, OUT / "sclip-my-domain")
+print(sorted(p.name for p in folder.iterdir()))
+card = (folder / "README.md").read_text()
+print(card[card.index("## Test results") :])
+
+# %% [markdown]
+# Plain open_clip rebuilds the model, its preprocessing and its tokenizer from the folder:
+# the same image file and the same caption give the features of the trained module.
+
+# %%
+model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
 model.eval()
 module.eval()
-batch = next(iter(data.test_dataloader()[0]))
+test_rows = [r for r in rows if r["split"] == "test"]
+image = Image.open(ROOT / test_rows[0]["image"])
+caption = test_rows[0]["caption"]
 with torch.no_grad():
-    a = model.encode_image(batch["image"], normalize=True)
-    b = module.encode_images(batch["image"])
-diff = float((a - b).abs().max())
-print("max feature difference, open_clip vs the trained module:", diff)
-assert diff < 1e-5, "the exported weights do not reproduce the trained model"
+    a = model.encode_image(preprocess(image)[None], normalize=True)
+    b = module.encode_images(data.eval_transform(image)[None])
+    c = model.encode_text(tokenizer([caption]), normalize=True)
+    d = module.encode_texts(module.tokenizer([caption]))
+diff = max(float((a - b).abs().max()), float((c - d).abs().max()))
+print("max feature difference, open_clip from the folder vs the trained module:", diff)
+assert diff < 1e-5, "the exported folder does not reproduce the trained model"

@@ -27,6 +27,7 @@ from helpers import quiet_cpu_trainer
 from torch.utils.data import DataLoader, Dataset
 
 from sclip_lightning import SCLIPModule
+from sclip_lightning.losses import SCLIPLoss
 
 BP, BU, K = 8, 8, 4
 VOCAB = ["lake", "forest", "river", "beach"]
@@ -82,7 +83,7 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     model = SGDModule(
         model_name="sclip-tiny",
-        objective=objective,
+        criterion=SCLIPLoss.released() if objective == "released" else SCLIPLoss(),
         keyword_vocabulary=VOCAB,
         lr=0.1,
         warmup_steps=0,

@@ -56,6 +56,60 @@ def write_rsicd(root: Path, per_split: dict[str, int] | None = None) -> Path:
     return root
 
 
+#: (width, height) of the images of :func:`write_rsicd_distinct`: non-square and of several
+#: sizes, so that resizing and cropping are part of what an evaluation reproduces
+DISTINCT_SIZES = ((40, 28), (28, 40), (36, 36), (50, 30))
+DISTINCT_COLOURS = {
+    "airport": (200, 200, 200),
+    "beach": (230, 210, 150),
+    "dense residential": (160, 60, 50),
+    "forest": (30, 120, 40),
+}
+
+
+def write_rsicd_distinct(root: Path, per_split: dict[str, int] | None = None) -> dict:
+    """RSICD layout (as :func:`write_rsicd`) whose evaluation has no ties: two captions per
+    image, each naming the image's number, so no two captions are equal (duplicate captions
+    tie in retrieval, which has its own rule and tests). Images are tinted by class (some
+    signal for a few training steps) and of the non-square sizes ``DISTINCT_SIZES``.
+
+    Returns ``{split: [{"path", "class", "captions"}]}`` and ``"classes"`` (prompt words, in
+    the order of the class files), for evaluating the files without this package."""
+    per_split = per_split or {"train": 24, "val": 4, "test": 16}
+    classes = sorted(DISTINCT_COLOURS, key=lambda c: c.title().replace(" ", ""))
+    rng = np.random.default_rng(17)
+    images, lists, meta = [], {c: [] for c in classes}, {"classes": classes}
+    k = 0
+    for split, n in per_split.items():
+        meta[split] = []
+        for i in range(n):
+            cls = classes[i % len(classes)]
+            name = f"{cls.replace(' ', '_')}_{k}.png"
+            w, h = DISTINCT_SIZES[k % len(DISTINCT_SIZES)]
+            pixels = np.asarray(DISTINCT_COLOURS[cls]) + rng.normal(0, 40, (h, w, 3))
+            path = root / "RSICD_images" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+            caps = [f"a {cls} seen from above, picture {k}", f"image number {k} shows a {cls}"]
+            images.append(
+                {
+                    "filename": name,
+                    "imgid": k,
+                    "split": split,
+                    "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
+                }
+            )
+            lists[cls].append(name)
+            meta[split].append({"path": path, "class": cls, "captions": caps})
+            k += 1
+    (root / "dataset_rsicd.json").write_text(json.dumps({"images": images, "dataset": "rsicd"}))
+    (root / "txtclasses_rsicd").mkdir(parents=True, exist_ok=True)
+    for cls, names in lists.items():
+        file = cls.title().replace(" ", "")  # "DenseResidential.txt", as RSICD names them
+        (root / "txtclasses_rsicd" / f"{file}.txt").write_text("\n".join(names) + "\n")
+    return meta
+
+
 def write_caption_table(root: Path, n: int = 20, fmt: str = "csv") -> Path:
     """A generic table: images/<i>.png and captions.<fmt> (image,caption,split)."""
     rows = []

@@ -66,10 +66,10 @@ class FixedPlan(Assigner):
         super().__init__()
         self.fixed = plan
 
-    def forward(self, unpaired, support_image, support_text, logit_scale, support_mask=None):
+    def plan(self, query, support, logit_scale, support_mask):
         import torch
 
-        return torch.tensor(self.fixed, dtype=unpaired.dtype, device=unpaired.device)
+        return torch.tensor(self.fixed, dtype=query.dtype, device=query.device)
 
 
 class SGDModule(SCLIPModule):

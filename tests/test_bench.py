@@ -65,3 +65,81 @@ def test_real_benchmark_orchestrates_the_product_at_tiny_size(tmp_path, tiny_lit
     png.unlink()
     real_benchmark.main([*argv, "--replot"])
     assert png.is_file()
+
+
+def test_sync_counter_attributes_each_sync_to_its_phase_and_caller():
+    """bench/throughput.py's host-sync counter (part (c) of make gpu-check), without CUDA:
+    warnings with the sync-debug message, raised from the forward and from an optimiser
+    hook, are counted per step and phase with their caller; logging steps apart; other
+    warnings still reach the original handler; the warning state is restored."""
+    import warnings
+
+    import lightning as L
+    import throughput  # bench/throughput.py
+    from helpers import quiet_cpu_trainer
+
+    from sclip_lightning import SCLIPModule
+
+    message = f"{throughput.SYNC_MESSAGE} (simulated)"
+
+    class Syncing(SCLIPModule):
+        def compute_losses(self, batch):
+            warnings.warn(message, stacklevel=1)
+            return super().compute_losses(batch)
+
+    class OptimizerSync(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            warnings.warn(message, stacklevel=1)
+            warnings.warn(message, stacklevel=1)
+
+    keywords = ["lake", "forest", "river"]
+    module = Syncing(model_name="sclip-tiny", keyword_vocabulary=keywords, warmup_steps=0)
+    counter = throughput.SyncCounter(start=2, steps=4, log_every=2)
+    data = throughput.make_datamodule(module, 4, 4, steps=7, keywords=keywords, pairs=20)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer = quiet_cpu_trainer(max_steps=7, callbacks=[counter.callback(), OptimizerSync()])
+        trainer.fit(module, data)
+        warnings.warn("an unrelated warning", stacklevel=1)
+    assert any("unrelated" in str(w.message) for w in seen)
+    assert warnings.filters == filters and not counter.active
+    summary = counter.summary()
+    assert counter.logging_steps == [3, 5] and summary["sync_steps"] == 4  # (n + 1) % 2 == 0
+    assert summary["syncs_per_step"] == 3 and summary["syncs_per_logging_step"] == 3
+    assert summary["syncs_by_phase"]["plain"] == {
+        "forward (training_step)": 1.0,
+        "optimizer + guard": 2.0,
+    }
+    sites = summary["sync_sites"]
+    assert sites and all("test_bench.py" in site for site in sites), sites
+    assert any("compute_losses" in s for s in sites)
+    assert any("on_before_optimizer_step" in s for s in sites)
+
+
+def test_loader_throughput_and_prepared_images(tmp_path):
+    """bench/throughput.py's loader measurement over an RSICD-layout folder made by its
+    prepare-images, at tiny size."""
+    import json
+
+    import throughput  # bench/throughput.py
+    from fixtures import write_rsicd
+
+    source = write_rsicd(tmp_path / "rsicd", {"train": 12, "val": 2, "test": 2})
+    small = tmp_path / "small"
+    throughput.prepare_images(argparse_namespace(source=str(source), n=10, to=str(small)))
+    assert len(list((small / "RSICD_images").iterdir())) == 10
+    out = tmp_path / "loader.jsonl"
+    throughput.main(
+        ["loader", "--images", str(small), "--model", "sclip-tiny", "--batch", "4",
+         "--workers", "0", "--warmup", "1", "--batches", "3", "--json", str(out)]
+    )  # fmt: skip
+    rec = json.loads(out.read_text())
+    assert rec["images_per_s"] > 0 and rec["workers"] == 0
+    assert "10 JPEGs" in rec["images"] and "listed" in rec["images"]
+
+
+def argparse_namespace(**kw):
+    import argparse
+
+    return argparse.Namespace(**kw)

@@ -21,7 +21,10 @@ DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
         ("--model.init_args.model_name=nope", "unknown open_clip model 'nope'"),
         ("--model.init_args.pretrained=/no/such/weights.pt", "pretrained weights file not found"),
         ("--data.init_args.dataset=rsicd", "RSICD root not found: /no/such/root"),
-        ("--model.init_args.objective=fast", "objective must be one of"),
+        (
+            "--model.init_args.criterion.init_args.support_bank_size=-5",
+            "support_bank_size must be -1, 0 or > 0, got -5",
+        ),
     ],
 )
 def test_bad_setting_gives_one_message(override, expected, tmp_path, synthetic_root):

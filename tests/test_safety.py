@@ -107,7 +107,7 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught(synthetic_root):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_trains_clean_on_cpu(synthetic_root, precision):
     module = _module(SCLIPModule)
-    trainer = quiet_cpu_trainer(max_steps=4, precision=precision)
+    trainer = quiet_cpu_trainer(max_steps=4, precision=precision, log_every_n_steps=1)
     trainer.fit(module, datamodule=_data())
     assert int(_guard(trainer).steps) == 0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -65,7 +65,7 @@ def test_cached_training_equals_uncached(synthetic_root, tiny_lit, cache, unlock
     assert not any(k.startswith("text.transformer") for k in moved)
     if unlocked:  # the unlocked top blocks trained (through the block-boundary cut)
         assert any(k.startswith("visual.trunk.blocks") for k in moved)
-        assert "module" in m.tower_splits["image"].boundary
+        assert "module" in m.towers.splits["image"].boundary
     else:
         assert not any(k.startswith("visual.trunk") for k in moved)
     for a, b in zip(plain_rows, cached_rows, strict=True):

@@ -4,6 +4,6 @@ from sclip_lightning.data.datamodule import SCLIPDataModule
 from sclip_lightning.losses import SCLIPLoss
 from sclip_lightning.module import SCLIPModule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["SCLIPDataModule", "SCLIPLoss", "SCLIPModule", "__version__"]

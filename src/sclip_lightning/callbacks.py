@@ -1,17 +1,29 @@
-"""Training callbacks: the non-finite guard."""
+"""Callbacks the module installs: the non-finite guard and the result writer."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.distributed as dist
 
+from sclip_lightning import distributed
+from sclip_lightning.losses.component import check_choice
+from sclip_lightning.results import markdown_table, write_predictions, write_results
+
 log = logging.getLogger(__name__)
 
-NONFINITE = ("raise", "skip")
+Nonfinite = Literal["raise", "skip"]
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers write this step's step-level metrics (every ``log_every_n_steps``
+    and at the last step); values logged on other steps are dropped by Lightning anyway."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 class NonFiniteGuard(L.Callback):
@@ -36,9 +48,8 @@ class NonFiniteGuard(L.Callback):
         check_every_n_steps: how often the host reads the record.
     """
 
-    def __init__(self, mode: str = "raise", check_every_n_steps: int | None = None) -> None:
-        if mode not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {mode!r}")
+    def __init__(self, mode: Nonfinite = "raise", check_every_n_steps: int | None = None) -> None:
+        check_choice("nonfinite", mode, Nonfinite)
         self.mode = mode
         self.check_every_n_steps = check_every_n_steps
         self.first_step: torch.Tensor = torch.tensor(-1)  # device-side record
@@ -71,7 +82,7 @@ class NonFiniteGuard(L.Callback):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
         flag = bad > 0
         self._record(flag, terms, names, trainer.global_step)
-        if getattr(pl_module, "logs_this_step", lambda: True)():
+        if logs_this_step(trainer):
             pl_module.log("train/nonfinite_steps", self.steps.float(), batch_size=1)
         if scaler is not None:
             return
@@ -93,7 +104,9 @@ class NonFiniteGuard(L.Callback):
         self.first_terms = self.first_terms.to(device)
         self.term_names = names
         new = flag & (self.first_step < 0)
-        self.first_step = torch.where(new, torch.as_tensor(step, device=device), self.first_step)
+        # new_full fills on the device; torch.as_tensor(step, device=...) would copy a host
+        # scalar with a stream sync (one per step on CUDA)
+        self.first_step = torch.where(new, self.first_step.new_full((), step), self.first_step)
         self.first_terms = torch.where(new, terms, self.first_terms)
         self.steps = self.steps + flag.long()
 
@@ -167,3 +180,63 @@ def _nonfinite_grads(params: Any, device: torch.device) -> torch.Tensor:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, local, torch.ones((), device=dev))
         found = torch.maximum(found, local.to(device))
     return found
+
+
+class ResultsWriter(L.Callback):
+    """Writes what evaluation and prediction produced, on rank 0, once they are done.
+
+    After ``test``: the module's ``test_results`` as ``results.{md,csv,json}``, and the same
+    table printed (percent) once the progress bar has stopped (a print while a rich progress
+    display is live recurses inside Jupyter kernels). After ``predict``: every rank's
+    predictions gathered (tensor collectives), one row per image (distributed samplers repeat
+    images), as ``predictions.csv`` (path, label_1, score_1, ...). Installed by
+    :class:`~sclip_lightning.SCLIPModule`.
+
+    Args:
+        results_dir: the folder (default: the logger's, else the Trainer's root).
+    """
+
+    def __init__(self, results_dir: str | None = None) -> None:
+        self.results_dir = results_dir
+        self._report: str | None = None
+
+    def _output_dir(self, trainer: L.Trainer) -> Path:
+        """Call on every rank (``trainer.log_dir`` broadcasts rank 0's value under DDP)."""
+        return Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = getattr(pl_module, "test_results", [])
+        out_dir = self._output_dir(trainer)
+        if trainer.is_global_zero and rows:
+            paths = write_results(rows, out_dir)
+            self._report = f"\n{markdown_table(rows)}\n(percent; written to {paths['md']})"
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        parts: list[Any] = list(zip(*getattr(pl_module, "predictions", []), strict=True))
+        index, idx, scores = (
+            distributed.gather_rows(list(p)) if p else torch.zeros(0)
+            for p in (parts or [(), (), ()])
+        )
+        out_dir = self._output_dir(trainer)
+        if not trainer.is_global_zero:
+            return
+        from sclip_lightning.evaluation import unique_first
+
+        data = trainer.datamodule  # type: ignore[attr-defined]
+        paths, classes = data.predict_paths(), data.predict_spec().classes
+        rows: list[dict[str, Any]] = []
+        if len(index):
+            _, first = unique_first(index.long())
+            for j in first.tolist():
+                row: dict[str, Any] = {"path": paths[int(index[j])]}
+                for r, (c, s) in enumerate(zip(idx[j].tolist(), scores[j].tolist(), strict=True)):
+                    row[f"label_{r + 1}"] = classes[c]
+                    row[f"score_{r + 1}"] = round(s, 6)
+                rows.append(row)
+        rows.sort(key=lambda r: r["path"])
+        self._report = f"wrote {len(rows)} predictions to {write_predictions(rows, out_dir)}"
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        report, self._report = self._report, None
+        if report:
+            print(report, flush=True)

@@ -12,6 +12,45 @@ from sclip_lightning.data.datamodule import SCLIPDataModule  # noqa: E402
 from sclip_lightning.module import RUNTIME_OPTIONS, SCLIPModule  # noqa: E402
 
 
+class SCLIPArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; an option a component does not take is reported with the
+    options it does take (jsonargparse says only that it is not accepted)."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        return super().error(_with_accepted_options(message), ex)
+
+
+def _with_accepted_options(message: str) -> str:
+    import difflib
+    import importlib
+    import inspect
+    import re
+
+    pattern = r"Problem with given class_path '([\w.]+)':\s*\n(\s*)Option '(\w+)' is not accepted"
+    for match in re.finditer(pattern, message):
+        module, _, name = match[1].rpartition(".")
+        if message[match.end() :].lstrip().startswith(f"{name} accepts:"):
+            continue  # a parser above this one already said it
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        accepted = sorted(
+            {
+                p
+                for c in cls.__mro__
+                if "__init__" in c.__dict__ and c.__module__.startswith(("sclip_lightning", module))
+                for p, kind in inspect.signature(c.__init__).parameters.items()
+                if p != "self" and kind.kind not in (kind.VAR_KEYWORD, kind.VAR_POSITIONAL)
+            }
+        )
+        close = difflib.get_close_matches(match[3], accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        line = f"{match[2]}{name} accepts: {', '.join(accepted)}{hint}"
+        message = message.replace(match[0], f"{match[0]}\n{line}", 1)
+    return message
+
+
 class SCLIPCLI(LightningCLI):
     """LightningCLI that feeds the model's name to the DataModule (tokenizer, preprocessing)."""
 
@@ -79,6 +118,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SCLIPCLI:
     return SCLIPCLI(
         SCLIPModule,
         SCLIPDataModule,
+        parser_class=SCLIPArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

@@ -10,6 +10,8 @@ the whole global batch. Shapes must be equal on every rank (use ``drop_last=True
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -134,3 +136,22 @@ def all_ranks(value: dict) -> list[dict]:
     out: list = [None] * world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def check_fit_settings(trainer: Any, keywords: int, objective: Any) -> None:
+    """Before the first step of a DDP fit: every rank has the same batch sizes, keyword
+    vocabulary size, gathering and objective (or a ValueError naming what differs)."""
+    if world_size() < 2:
+        return
+    data_hp = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+    check_rank_agreement(
+        all_ranks(
+            {
+                "batch_size": data_hp.get("batch_size"),
+                "unpaired_batch_size": data_hp.get("unpaired_batch_size"),
+                "keywords": keywords,
+                "gather_distributed": objective.gather_distributed,
+                "objective": type(objective).__name__,
+            }
+        )
+    )

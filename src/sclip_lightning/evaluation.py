@@ -13,12 +13,14 @@ All numbers are percentages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sclip_lightning import distributed
+from sclip_lightning.interfaces import EvaluationData, PredictionData
 from sclip_lightning.metrics import recall_from_ranks, retrieval_ranks
 
 
@@ -32,6 +34,30 @@ class EvalSpec:
     classes: list[str] | None = None
     templates: list[str] | None = None
     split: str = ""
+
+
+@torch.no_grad()
+def zeroshot_classifier(
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classes: list[str],
+    templates: list[str],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """(C, D) class embeddings: the normalised embeddings of every template filled with the
+    class name, averaged per class and renormalised (CLIP's prompt ensembling).
+
+    Args:
+        encode_text: (B, L) tokens -> (B, D) normalised text features.
+        tokenizer: texts -> (B, L) tokens.
+        classes: class names. templates: prompts with ``{}`` for the class name.
+        device: where the tokens go.
+    """
+    texts = [t.format(c) for c in classes for t in templates]
+    tokens = tokenizer(texts).to(device)
+    feats = torch.cat([encode_text(chunk) for chunk in tokens.split(512)])
+    feats = feats.view(len(classes), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(feats, dim=-1)
 
 
 class Evaluation:
@@ -188,3 +214,122 @@ def captions_of_first_copy(owner: torch.Tensor, idx: torch.Tensor) -> torch.Tens
     keep = torch.zeros(owner.numel(), dtype=torch.bool)
     keep[order] = rank_in_group < n_captions[sorted_owner]
     return keep
+
+
+if TYPE_CHECKING:  # the mixin's host: a LightningModule
+    from lightning import LightningModule as _Host
+else:
+    _Host = object
+
+
+class EvaluationSteps(_Host):
+    """The validation, test and predict steps of :class:`~sclip_lightning.SCLIPModule`
+    (a mixin of LightningModule hooks): zero-shot and retrieval sets from the data module's
+    ``eval_specs``, scored by :class:`Evaluation`; predict's top-k labels.
+
+    Uses the module's ``encode_images``, ``encode_texts``, ``text_inputs``, ``tokenizer``,
+    ``logit_scale()`` and ``data`` (:class:`~sclip_lightning.interfaces.TrainingData`); fills
+    ``test_results`` and ``predictions``, which :class:`~sclip_lightning.callbacks.ResultsWriter`
+    writes.
+    """
+
+    test_results: list[dict[str, Any]]
+    predictions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    if TYPE_CHECKING:  # what the host module provides
+        tokenizer: Any
+        _hp: Any
+        data: Any
+
+        def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
+        def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor: ...
+        def text_inputs(self, tokens: torch.Tensor) -> torch.Tensor: ...
+        def logit_scale(self) -> torch.Tensor: ...
+
+    def zeroshot_weights(self, classes: list[str], templates: list[str]) -> torch.Tensor:
+        """(C, D) class embeddings from the prompt templates (:func:`zeroshot_classifier`)."""
+        return zeroshot_classifier(
+            lambda t: self.encode_texts(self.text_inputs(t)),
+            self.tokenizer,
+            classes,
+            templates,
+            self.device,
+        )
+
+    def _start_eval(self, stage: str) -> None:
+        data = self.data
+        specs = data.eval_specs(stage) if isinstance(data, EvaluationData) else []
+        weights = {
+            i: self.zeroshot_weights(spec.classes or [], spec.templates or [])
+            for i, spec in enumerate(specs)
+            if spec.kind == "zeroshot"
+        }
+        self._evaluation = Evaluation(
+            specs, weights, self._hp.eval_max_elements, device=self.device
+        )
+
+    def _eval_step(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        evaluation = self._evaluation
+        image_feats = self.encode_images(batch["image"]).float()
+        if evaluation.specs[dataloader_idx].kind == "zeroshot":
+            evaluation.add_zeroshot(dataloader_idx, image_feats, batch["label"], batch["index"])
+            return
+        text_feats = self.encode_texts(batch["text"]).float()
+        owner = batch["index"][batch["text_image"]]
+        evaluation.add_retrieval(dataloader_idx, image_feats, batch["index"], text_feats, owner)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        rows = self._evaluation.compute()
+        for row in rows:
+            for k, v in row.items():
+                if isinstance(v, float):
+                    self.log(f"val/{row['dataset']}/{k}", v, batch_size=1)
+        for name, key in (("retrieval_mean", "mean_R"), ("zeroshot_top1", "top1")):
+            values = [r[key] for r in rows if key in r]
+            if values:
+                self.log(f"val/{name}", sum(values) / len(values), prog_bar=True, batch_size=1)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """One row per set (percent) into ``test_results`` (the ResultsWriter writes and
+        prints them) and to the loggers (not through ``self.log``: Lightning would print its
+        own table with every number repeated under every dataloader)."""
+        self.test_results = self._evaluation.compute()
+        if self.trainer.is_global_zero:
+            metrics = {
+                f"test/{r['dataset']}/{k}": v
+                for r in self.test_results
+                for k, v in r.items()
+                if isinstance(v, float)
+            }
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+
+    def on_predict_epoch_start(self) -> None:
+        if not isinstance(self.data, PredictionData):
+            raise ValueError("predict needs an SCLIPDataModule with predict_root set")
+        spec = self.data.predict_spec()
+        self._predict_weights = self.zeroshot_weights(spec.classes or [], spec.templates or [])
+        self.predictions = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
+        """Top-k classes of a batch: ``(index, class indices, probabilities)`` tensors (the
+        ResultsWriter gathers them into predictions.csv)."""
+        feats = self.encode_images(batch["image"]).float()
+        probs = (self.logit_scale() * feats @ self._predict_weights.float().T).softmax(dim=-1)
+        scores, idx = probs.topk(min(self._hp.predict_top_k, probs.shape[-1]), dim=-1)
+        out = (batch["index"].cpu(), idx.cpu(), scores.cpu())
+        self.predictions.append(out)
+        return out

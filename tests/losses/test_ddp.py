@@ -73,7 +73,7 @@ class Towers(torch.nn.Module):
 def loss_of(preset, towers, inp, gather):
     # linear keyword weighting is sensitive to tiny reorderings; keep the release's values
     xf, yf, uf, kf, s = towers(inp["x"], inp["y"], inp["u"], inp["k"])
-    crit = SCLIPLoss.from_preset(preset, gather_distributed=gather)
+    crit = (SCLIPLoss.released if preset == "released" else SCLIPLoss)(gather_distributed=gather)
     return sum(crit(xf, yf, s, uf, kf, inp["cand"]).values())
 
 
@@ -175,7 +175,7 @@ def _bank_run(towers, crit, world=1, rank=0):
         part = {k: v if k == "k" else v.chunk(world)[rank] for k, v in full.items()}
         xf, yf, uf, kf, s = towers(part["x"], part["y"], part["u"], part["k"])
         loss = sum(
-            crit(xf, yf, s, uf, kf, part["cand"], paired_ids=ids.chunk(world)[rank]).values()
+            crit(xf, yf, s, uf, kf, part["cand"], pair_index=ids.chunk(world)[rank]).values()
         )
         opt.zero_grad()
         loss.backward()

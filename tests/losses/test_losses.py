@@ -11,20 +11,16 @@ import torch.nn.functional as F
 from release_reference import release_loss
 
 from sclip_lightning.losses import (
-    ASSIGNERS,
-    PRESETS,
-    RECOMMENDED,
+    RELEASED,
     Assigner,
-    ContrastiveLoss,
     HardNNAssigner,
-    KeywordPLLLoss,
     OTAssigner,
     SCLIPLoss,
     SoftNNAssigner,
     UnbalancedOTAssigner,
     assign,
-    build_assigner,
     caption_loss,
+    contrastive_loss,
     keyword_loss,
     keyword_targets,
     sinkhorn_log,
@@ -92,9 +88,9 @@ def naive_contrastive(x, y, s, u=None):
 def test_contrastive_matches_loop(bp, bu, s):
     x, y, u, _, _ = batch(bp, max(bu, 1))
     u = u[:bu]
-    got = ContrastiveLoss(unpaired_negatives=True)(x, y, torch.tensor(s, dtype=x.dtype), u)
+    got = contrastive_loss(x, y, torch.tensor(s, dtype=x.dtype), u)
     torch.testing.assert_close(got, naive_contrastive(x, y, s, u if bu else None))
-    plain = ContrastiveLoss(unpaired_negatives=False)(x, y, s, u)
+    plain = contrastive_loss(x, y, s)
     torch.testing.assert_close(plain, naive_contrastive(x, y, s))
 
 
@@ -105,7 +101,7 @@ def test_contrastive_without_unpaired_equals_open_clip():
     # multiply in the same order with the same kernels (errors ~1e-13 here, tolerance 1e-7)
     x, y, *_ = batch(9, 3)
     s = torch.tensor(20.0, dtype=x.dtype)
-    torch.testing.assert_close(ContrastiveLoss()(x, y, s), ClipLoss()(x, y, s))
+    torch.testing.assert_close(contrastive_loss(x, y, s), ClipLoss()(x, y, s))
 
 
 # ----------------------------------------------------------------- sinkhorn
@@ -191,25 +187,25 @@ def test_ot_gradients_match_the_unrolled_float64_reference(solver):
 def test_assigners_against_loops():
     x, y, u, _, _ = batch(6, 5)
     s = torch.tensor(10.0, dtype=x.dtype)
-    hard = assign(u, x, y, s, "hard_nn", assigner_support="text")
-    soft = assign(u, x, y, s, "soft_nn", assigner_support="text")
+    hard = assign(u, x, y, s, HardNNAssigner(assigner_support="text"))
+    soft = assign(u, x, y, s, SoftNNAssigner(assigner_support="text"))
     for j in range(u.shape[0]):
         sims = torch.stack([u[j] @ y[i] for i in range(y.shape[0])])
         assert hard[j].argmax() == sims.argmax() and hard[j].sum() == 1
         torch.testing.assert_close(soft[j], torch.softmax(s * sims, 0))
     # assigner_support="text" really uses the text features (the release's variants used images)
-    ot_text = assign(u, x, y, s, "ot", assigner_support="text")
+    ot_text = assign(u, x, y, s, OTAssigner(assigner_support="text"))
     ref = sinkhorn_pot(1 - u @ y.T, 1 / s, 10)
     torch.testing.assert_close(ot_text, ref / ref.sum(1, keepdim=True))
-    assert not torch.allclose(ot_text, assign(u, x, y, s, "ot", assigner_support="image"))
+    assert not torch.allclose(ot_text, assign(u, x, y, s, OTAssigner(assigner_support="image")))
 
 
 def test_detach_plan_blocks_gradient():
     x, y, u, _, _ = batch(5, 4)
     u.requires_grad_(True)
     s = torch.tensor(10.0, dtype=x.dtype)
-    assert not assign(u, x, y, s, "ot", detach_plan=True).requires_grad
-    assert assign(u, x, y, s, "ot", detach_plan=False).requires_grad
+    assert not assign(u, x, y, s, OTAssigner(detach_plan=True)).requires_grad
+    assert assign(u, x, y, s, OTAssigner(detach_plan=False)).requires_grad
 
 
 def test_unbalanced_ot_is_pots_solver_and_interpolates_soft_nn_and_ot():
@@ -242,17 +238,14 @@ def test_unbalanced_ot_is_pots_solver_and_interpolates_soft_nn_and_ot():
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-def test_assigner_registry_and_import_paths():
-    assert isinstance(build_assigner("ot"), OTAssigner)
-    assert isinstance(build_assigner("sclip_lightning.losses.HardNNAssigner"), HardNNAssigner)
-    loss = SCLIPLoss(assigner="unbalanced_ot", assigner_kwargs={"reg_m": 0.2})
+def test_the_default_assigner_is_ot_and_options_belong_to_their_assigner():
+    assert type(SCLIPLoss().assigner) is OTAssigner
+    loss = SCLIPLoss(assigner=UnbalancedOTAssigner(reg_m=0.2))
     assert isinstance(loss.assigner, UnbalancedOTAssigner) and loss.assigner.reg_m == 0.2
-    with pytest.raises(ValueError, match="unknown assigner"):
-        build_assigner("nn")
-    with pytest.raises(ValueError, match="cannot import assigner"):
-        build_assigner("nowhere.Assigner")
-    with pytest.raises(ValueError, match="does not take"):
-        SCLIPLoss(assigner="soft_nn", assigner_kwargs={"reg_m": 0.2})
+    with pytest.raises(ValueError, match="assigner must be an Assigner"):
+        SCLIPLoss(assigner="ot")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="reg_m"):
+        SoftNNAssigner(reg_m=0.2)  # type: ignore[call-arg]
 
 
 class FixedPlan(Assigner):
@@ -262,8 +255,8 @@ class FixedPlan(Assigner):
         super().__init__()
         self.fixed = plan
 
-    def forward(self, unpaired, support_image, support_text, logit_scale):
-        return self.fixed.to(unpaired.dtype)
+    def plan(self, query, support, logit_scale, support_mask):
+        return self.fixed.to(query.dtype)
 
 
 def test_custom_assigner_is_the_plan_training_uses():
@@ -305,24 +298,30 @@ def _bank_loss(assigner, size, **kw):
 
 @pytest.mark.parametrize(
     "assigner,opts",
-    [(name, {}) for name in sorted(ASSIGNERS)] + [("ot", {"sinkhorn_solver": "log"})],
+    [
+        (OTAssigner, {}),
+        (OTAssigner, {"sinkhorn_solver": "log"}),
+        (UnbalancedOTAssigner, {}),
+        (SoftNNAssigner, {}),
+        (HardNNAssigner, {}),
+    ],
 )
 def test_bank_support_equals_the_explicit_support(assigner, opts):
     """With the bank on, every assigner plans over [batch; valid bank rows]: the same values
     and gradients as calling it on that support built by hand (masked rows = absent rows)."""
-    loss = _bank_loss(assigner, -1, keyword_weighting="softmax", **opts)
+    loss = _bank_loss(assigner(**opts), -1, keyword_weighting="softmax")
     loss.bank.set_capacity(10)
     xs, ys, _, kw, cands = batch(10, 4, 5, dtype=torch.float32, seed=1)
     ids = torch.arange(10)
-    loss(xs[:6], ys[:6], torch.tensor(10.0), paired_ids=ids[:6], keyword_candidates=cands[:6])
+    loss(xs[:6], ys[:6], torch.tensor(10.0), pair_index=ids[:6], keyword_candidates=cands[:6])
     # step 2: batch = pairs 4..9; pairs 4, 5 are in the bank too (left out), 6..9 new
     x, y, u = (t.clone().requires_grad_(True) for t in (xs[4:], ys[4:], feats(5, seed=9).float()))
     scale = torch.tensor(10.0, requires_grad=True)
-    got = loss(x, y, scale, u, kw, cands[4:], paired_ids=ids[4:])
+    got = loss(x, y, scale, u, kw, cands[4:], pair_index=ids[4:])
     mask = loss.last_assignment.support_mask
     assert mask.tolist() == [True] * 6 + [True] * 4 + [False] * 6
     # explicit: support = batch (6 rows, grad) + bank pairs 0..3 (detached), no bank
-    ref_loss = SCLIPLoss(assigner=assigner, keyword_weighting="softmax", **opts)
+    ref_loss = SCLIPLoss(assigner=assigner(**opts), keyword_weighting="softmax")
     x2, y2, u2 = (t.detach().clone().requires_grad_(True) for t in (x, y, u))
     scale2 = torch.tensor(10.0, requires_grad=True)
     sx, sy = torch.cat([x2, xs[:4]]), torch.cat([y2, ys[:4]])
@@ -344,64 +343,64 @@ def test_bank_support_equals_the_explicit_support(assigner, opts):
 
 
 def test_fifo_bank_keeps_the_last_n_and_skips_batch_duplicates():
-    loss = _bank_loss("ot", 5)
+    loss = _bank_loss(OTAssigner(), 5)
     x, y, *_ = batch(12, 1, dtype=torch.float32)
     s = torch.tensor(10.0)
     for step in range(3):  # 4 pairs per step: ids 0-3, 4-7, 8-11
         sl = slice(4 * step, 4 * step + 4)
-        loss(x[sl], y[sl], s, paired_ids=torch.arange(12)[sl])
+        loss(x[sl], y[sl], s, pair_index=torch.arange(12)[sl])
     assert sorted(loss.bank.state["ids"].tolist()) == [7, 8, 9, 10, 11]
     torch.testing.assert_close(loss.bank.state["image"][loss.bank.state["ids"].argsort()], x[7:])
     u = feats(3, seed=4).float()
     bank_ids = loss.bank.state["ids"].clone()  # what the next plan sees, before its push
-    loss(x[8:10], y[8:10], s, u, paired_ids=torch.tensor([8, 9]))
+    loss(x[8:10], y[8:10], s, u, pair_index=torch.tensor([8, 9]))
     mask = loss.last_assignment.support_mask
     assert mask.tolist() == [True, True] + [i not in (8, 9) for i in bank_ids.tolist()]
 
 
 def test_bank_unfilled_slots_are_unused_and_eval_does_not_push():
-    loss = _bank_loss("soft_nn", -1)
+    loss = _bank_loss(SoftNNAssigner(), -1)
     loss.bank.set_capacity(100)
     x, y, u, *_ = batch(4, 3, dtype=torch.float32)
     s = torch.tensor(10.0)
-    loss(x, y, s, u, paired_ids=torch.tensor([3, 50, 7, 99]))
-    loss(x, y, s, u, paired_ids=torch.tensor([1, 2, 5, 6]))
+    loss(x, y, s, u, pair_index=torch.tensor([3, 50, 7, 99]))
+    loss(x, y, s, u, pair_index=torch.tensor([1, 2, 5, 6]))
     last = loss.last_assignment
     assert last.support_mask.sum() == 8  # 4 batch rows + slots 3, 50, 7, 99
     assert (last.plan[:, ~last.support_mask] == 0).all()
     torch.testing.assert_close(last.plan.sum(1), torch.ones(3))
     loss.eval()
     before = {k: v.clone() for k, v in loss.bank.state.items()}
-    loss(x, y, s, u, paired_ids=torch.tensor([10, 11, 12, 13]))
+    loss(x, y, s, u, pair_index=torch.tensor([10, 11, 12, 13]))
     assert all(torch.equal(before[k], loss.bank.state[k]) for k in before)
 
 
 def test_bank_round_trips_through_a_state_dict():
-    loss = _bank_loss("ot", 6)
+    loss = _bank_loss(OTAssigner(), 6)
     x, y, *_ = batch(4, 1, dtype=torch.float32)
-    loss(x, y, torch.tensor(5.0), paired_ids=torch.arange(4))
+    loss(x, y, torch.tensor(5.0), pair_index=torch.arange(4))
     state = loss.state_dict()
     buf = __import__("io").BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    restored = _bank_loss("ot", 6)
+    restored = _bank_loss(OTAssigner(), 6)
     restored.load_state_dict(torch.load(buf, weights_only=True))
     assert restored.bank.pointer == 4
     for k, v in loss.bank.state.items():
         assert torch.equal(restored.bank.state[k], v)
     with pytest.raises(ValueError, match="support_bank_size"):
-        _bank_loss("ot", 3).load_state_dict(state)
-    with pytest.raises(ValueError, match="paired_ids"):
-        _bank_loss("ot", -1).bank.push(x, y, None, None)
+        _bank_loss(OTAssigner(), 3).load_state_dict(state)
+    with pytest.raises(ValueError, match="pair_index"):
+        _bank_loss(OTAssigner(), -1).bank.push(x, y, None, None)
 
 
-def test_custom_assigner_without_mask_argument_works_with_the_bank():
+def test_custom_assigner_ignoring_the_mask_works_with_the_bank():
     loss = SCLIPLoss(assigner=FixedPlan(torch.full((2, 2), 1 / 2)), support_bank_size=4)
     x, y, u, *_ = batch(2, 2, dtype=torch.float32)
     s = torch.tensor(10.0)
-    loss(x, y, s, u, paired_ids=torch.tensor([0, 1]))  # bank empty: support = batch
+    loss(x, y, s, u, pair_index=torch.tensor([0, 1]))  # bank empty: support = batch
     loss.assigner.fixed = torch.full((2, 6), 1 / 6)
-    loss(x, y, s, u, paired_ids=torch.tensor([0, 1]))  # bank: 2 rows duplicate the batch
+    loss(x, y, s, u, pair_index=torch.tensor([0, 1]))  # bank: 2 rows duplicate the batch
     plan = loss.last_assignment.plan
     torch.testing.assert_close(plan, torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 2))
 
@@ -439,8 +438,8 @@ def test_keyword_loss_mean_modes():
     plan = torch.eye(6, dtype=x.dtype)
     cand[:3] = False
     s = torch.tensor(10.0, dtype=x.dtype)
-    all_rows = KeywordPLLLoss("softmax", keyword_empty_rows_in_mean=True)(u, kw, cand, plan, s)
-    with_cand = KeywordPLLLoss("softmax", keyword_empty_rows_in_mean=False)(u, kw, cand, plan, s)
+    all_rows = keyword_loss(u, kw, cand, plan, s, "softmax", empty_rows_in_mean=True)
+    with_cand = keyword_loss(u, kw, cand, plan, s, "softmax", empty_rows_in_mean=False)
     n_with = int(cand.any(1).sum())
     torch.testing.assert_close(all_rows * 6 / n_with, with_cand)
 
@@ -457,7 +456,7 @@ def test_released_config_matches_loop_reference_values_and_grads(bp, bu, k, s):
 
     leaves2 = [t.clone().requires_grad_(True) for t in (x, y, u, kw)]
     scale2 = torch.tensor(s, requires_grad=True)
-    got = SCLIPLoss.as_released()(
+    got = SCLIPLoss.released()(
         leaves2[0], leaves2[1], scale2, leaves2[2], leaves2[3], cand, output_dict=True
     )
     for key in ref:  # float32 both ways (SCLIPLoss casts), other association and kernels
@@ -467,43 +466,28 @@ def test_released_config_matches_loop_reference_values_and_grads(bp, bu, k, s):
         assert_close_f32_loss(a, b, grad=True)
 
 
-def test_presets_come_from_the_loss_signature_and_the_module_uses_the_same_names():
+def test_the_release_differs_from_the_defaults_only_by_documented_options():
     import inspect
 
-    from sclip_lightning import SCLIPModule
-
     defaults = inspect.signature(SCLIPLoss.__init__).parameters
-    assert all(RECOMMENDED.options[k] == defaults[k].default for k in RECOMMENDED.options)
-    module_args = inspect.signature(SCLIPModule.__init__).parameters
-    assert set(RECOMMENDED.options) <= set(module_args)  # same option names, CLI down
-    ot_args = inspect.signature(OTAssigner.__init__).parameters
-    for name in (
-        "assigner_support",
-        "detach_plan",
-        "sinkhorn_iters",
-        "sinkhorn_reg",
-        "sinkhorn_solver",
-    ):
-        assert ot_args[name].default == defaults[name].default
-
-
-def test_recommended_and_release_differ_only_by_documented_options():
-    rel = SCLIPLoss.as_released()
-    rec = SCLIPLoss.from_preset("recommended")
-    assert rel.keyword.keyword_weighting == "linear"
-    assert rec.keyword.keyword_weighting == "softmax"
-    rel_opts, rec_opts = (PRESETS[n].options for n in ("released", "recommended"))
-    assert {k for k in rel_opts if rel_opts[k] != rec_opts[k]} == {"keyword_weighting"}
-    with pytest.raises(ValueError, match="unknown preset"):
-        SCLIPLoss.from_preset("nope")
+    assert RELEASED == {"keyword_weighting": "linear"}
+    assert defaults["keyword_weighting"].default == "softmax"
+    rel = SCLIPLoss.released(support_bank_size=4)
+    assert rel.keyword_weighting == "linear" and rel.bank is not None
+    recorded = rel.config()["init_args"]
+    default = SCLIPLoss().config()["init_args"]
+    assert {k for k in recorded if recorded[k] != default[k]} == {
+        "keyword_weighting",
+        "support_bank_size",
+    }
 
 
 # ----------------------------------------------------------------- numerics
 CONFIGS = {
-    "released": lambda: SCLIPLoss.as_released(),
+    "released": lambda: SCLIPLoss.released(),
     "recommended": lambda: SCLIPLoss(),
-    "soft_text": lambda: SCLIPLoss(assigner="soft_nn", assigner_support="text"),
-    "hard_image": lambda: SCLIPLoss(assigner="hard_nn"),
+    "soft_text": lambda: SCLIPLoss(assigner=SoftNNAssigner(assigner_support="text")),
+    "hard_image": lambda: SCLIPLoss(assigner=HardNNAssigner()),
 }
 
 
@@ -592,14 +576,12 @@ def test_shape_errors_are_clear():
         loss(x, y, torch.tensor(1.0), u[:, :5])
     with pytest.raises(ValueError, match="keyword_candidates"):
         loss(x, y, torch.tensor(1.0), u, kw, cand[:, :2])
-    with pytest.raises(ValueError, match="assigner"):
-        SCLIPLoss(assigner="nn")
     with pytest.raises(ValueError, match="caption_weight"):
         SCLIPLoss(caption_weight=-1)
     with pytest.raises(ValueError, match="sinkhorn_iters"):
-        SCLIPLoss(sinkhorn_iters=0)
-    with pytest.raises(ValueError, match="paired_ids"):
-        loss(x, y, torch.tensor(1.0), paired_ids=torch.arange(3))
+        OTAssigner(sinkhorn_iters=0)
+    with pytest.raises(ValueError, match="pair_index"):
+        loss(x, y, torch.tensor(1.0), pair_index=torch.arange(3))
 
 
 def test_loss_weights_scale_terms():

@@ -9,7 +9,8 @@ from sclip_lightning.data.base import (
     split_name,
 )
 from sclip_lightning.data.comics import SimpsonsCaptions
-from sclip_lightning.data.datamodule import SCLIPDataModule, split_labeled
+from sclip_lightning.data.datamodule import SCLIPDataModule
+from sclip_lightning.data.datasets import split_labeled
 from sclip_lightning.data.fashion import (
     Fashion200k,
     Fashion200kClasses,

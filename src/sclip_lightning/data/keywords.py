@@ -8,13 +8,46 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from sclip_lightning.losses.component import check_choice
+
 log = logging.getLogger(__name__)
+
+#: how a keyword is found in a caption: whole words / phrases, case-insensitive ("tokens"),
+#: or the release's case-sensitive ``" k " in " caption "`` ("release")
+KeywordMatching = Literal["tokens", "release"]
+
+
+def resolve_keywords(
+    spec: str | None,
+    source_default: Callable[[Path], Path | None] | None,
+    root: Path,
+    captions: Sequence[str],
+    num_keywords: int,
+) -> list[str]:
+    """The keyword vocabulary a data module's ``keywords`` option names.
+
+    Args:
+        spec: a file path, ``"default"`` (the source's own list, if any), ``"mine"`` (the top
+            ``num_keywords`` mined from ``captions``) or None (no keywords).
+        source_default: the source's ``root -> keyword file`` (or None).
+        root: the source's root.
+        captions: the paired captions (for mining).
+        num_keywords: vocabulary size when mining.
+    """
+    if spec is None:
+        return []
+    if spec == "default":
+        path = source_default(root) if source_default is not None else None
+        return load_keywords(path) if path is not None else []
+    if spec == "mine":
+        return mine_keywords(captions, top_k=num_keywords)
+    return load_keywords(spec)
 
 
 def load_keywords(path: str | Path) -> list[str]:
@@ -43,6 +76,28 @@ def load_keywords(path: str | Path) -> list[str]:
     if not words:
         raise ValueError(f"keyword file {path} is empty: write one keyword per line")
     return words
+
+
+def candidate_tables(
+    matcher: KeywordMatcher, captions: dict[int, Sequence[str]]
+) -> dict[int, torch.Tensor]:
+    """``{index: (n_captions, K) bool}``: which keywords each caption of each item contains
+    (matched once, not at every visit); logs how many captions contain one, and warns when
+    none does (the keyword loss would have no signal)."""
+    tables = {i: matcher.table(caps) for i, caps in captions.items()}
+    if matcher.keywords and tables:
+        rows = torch.cat(list(tables.values()))
+        hit, total = int(rows.any(dim=1).sum()), rows.shape[0]
+        if hit == 0:
+            log.warning(
+                "none of the %d keywords occurs in any of the %d paired captions: the keyword "
+                "loss will have no signal; check the vocabulary",
+                len(matcher.keywords),
+                total,
+            )
+        else:
+            log.info("keywords: %d of %d paired captions contain one", hit, total)
+    return tables
 
 
 def _blank_nlp():
@@ -122,11 +177,8 @@ class KeywordMatcher:
         mode: ``"tokens"`` or ``"release"``.
     """
 
-    MODES = ("tokens", "release")
-
-    def __init__(self, keywords: Sequence[str], mode: str = "tokens") -> None:
-        if mode not in self.MODES:
-            raise ValueError(f"keyword matching mode must be one of {self.MODES}, got {mode!r}")
+    def __init__(self, keywords: Sequence[str], mode: KeywordMatching = "tokens") -> None:
+        check_choice("keyword_matching", mode, KeywordMatching)
         self.mode = mode
         self.keywords = list(keywords)
         self._nlp: Any = None

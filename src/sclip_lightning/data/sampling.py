@@ -160,3 +160,29 @@ def seeded(key: Any, fetch: Callable[[int], Any]) -> Any:
             torch.default_generator.manual_seed(seed)
             return fetch(int(index))
     return fetch(int(key))
+
+
+def eval_loader(ds: Dataset, batch_size: int, num_workers: int, **kw: Any) -> DataLoader:
+    """In-order loader for evaluation and prediction. Its private generator seeds the
+    workers, so evaluating (e.g. a sanity check after a resume) never draws from the global
+    random state that training continues with."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+
+
+def training_position(trainer: Any) -> tuple[int, int]:
+    """``(epoch, training batches consumed in it)`` of a Trainer's fit: the position a
+    resume must start at (the next epoch, from its start, once an epoch is over)."""
+    if trainer is None:
+        return 0, 0
+    done = getattr(trainer.fit_loop.epoch_loop.batch_progress.current, "processed", 0)
+    if done >= trainer.num_training_batches:
+        return trainer.current_epoch + 1, 0
+    return trainer.current_epoch, done

@@ -385,3 +385,14 @@ class ShardLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["consumed_batches"]))
+
+
+def check_streamed(hidden_labels: bool, combined_mode: str) -> None:
+    """ValueError for settings that streamed unpaired images cannot honour."""
+    if hidden_labels:
+        raise ValueError("hidden_labels is not available for unpaired images from shards")
+    if combined_mode != "min_size":
+        raise ValueError(
+            "unpaired images streamed from shards are drawn alongside the paired loader: "
+            "use combined_mode='min_size' (an epoch is one pass over the pairs)"
+        )

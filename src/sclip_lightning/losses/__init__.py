@@ -1,62 +1,54 @@
-"""S-CLIP losses: pure PyTorch, no Lightning import.
+"""Objectives, their terms and the pseudo-label assigners: pure PyTorch, no Lightning import.
 
-One implementation per paper term, each in the file named after it:
-``contrastive.py`` (CLIP loss with unpaired negatives), ``caption_ot.py`` (caption-level
-pseudo-labels), ``keyword_pll.py`` (keyword-level partial labels); the plan comes from an
-assigner (``assigners.py``; balanced Sinkhorn in ``sinkhorn.py``), optionally over a support
-bank (``bank.py``); ``sclip.py`` combines them.
+An objective (:class:`Objective`: :class:`CLIPLoss`, :class:`SCLIPLoss`, or your own) turns
+the features of a training batch into named loss terms. One implementation per paper term,
+each in the file named after it: ``contrastive.py`` (CLIP loss with unpaired negatives),
+``caption_ot.py`` (caption-level pseudo-labels), ``keyword_pll.py`` (keyword-level partial
+labels); the plan comes from an assigner (``assigners.py``; balanced Sinkhorn in
+``sinkhorn.py``), optionally over a support bank (``bank.py``); ``sclip.py`` combines them.
 """
 
 from sclip_lightning.losses.assigners import (
-    ASSIGNERS,
     Assigner,
+    EntropicAssigner,
     HardNNAssigner,
     OTAssigner,
     SoftNNAssigner,
     UnbalancedOTAssigner,
     assign,
-    build_assigner,
 )
 from sclip_lightning.losses.bank import SupportBank
-from sclip_lightning.losses.caption_ot import CaptionOTLoss, caption_loss
-from sclip_lightning.losses.contrastive import ContrastiveLoss, contrastive_loss
+from sclip_lightning.losses.caption_ot import caption_loss
+from sclip_lightning.losses.clip import CLIPLoss
+from sclip_lightning.losses.component import Component, build_component
+from sclip_lightning.losses.contrastive import contrastive_loss
 from sclip_lightning.losses.functional import soft_cross_entropy
-from sclip_lightning.losses.keyword_pll import KeywordPLLLoss, keyword_loss, keyword_targets
-from sclip_lightning.losses.sclip import (
-    OBJECTIVE_OPTIONS,
-    PRESETS,
-    RECOMMENDED,
-    RELEASED,
-    Assignment,
-    SCLIPLoss,
-    preset_options,
-)
+from sclip_lightning.losses.keyword_pll import keyword_loss, keyword_targets
+from sclip_lightning.losses.objective import Features, Objective
+from sclip_lightning.losses.sclip import RELEASED, Assignment, SCLIPLoss
 from sclip_lightning.losses.sinkhorn import sinkhorn_log, sinkhorn_plan, sinkhorn_pot
 
 __all__ = [
-    "ASSIGNERS",
-    "OBJECTIVE_OPTIONS",
-    "PRESETS",
-    "RECOMMENDED",
     "RELEASED",
     "Assigner",
     "Assignment",
-    "CaptionOTLoss",
-    "ContrastiveLoss",
+    "CLIPLoss",
+    "Component",
+    "EntropicAssigner",
+    "Features",
     "HardNNAssigner",
-    "KeywordPLLLoss",
     "OTAssigner",
+    "Objective",
     "SCLIPLoss",
     "SoftNNAssigner",
     "SupportBank",
     "UnbalancedOTAssigner",
     "assign",
-    "build_assigner",
+    "build_component",
     "caption_loss",
     "contrastive_loss",
     "keyword_loss",
     "keyword_targets",
-    "preset_options",
     "sinkhorn_log",
     "sinkhorn_plan",
     "sinkhorn_pot",

@@ -7,36 +7,30 @@ of support captions with weights ``Gamma_j``; its keyword loss takes the candida
 the support caption with the largest weight. The plan carries whatever gradient the assigner
 defines (the release's OT plan is not detached).
 
-Built in (``SCLIPLoss(assigner=<name>)``):
+Built in: :class:`OTAssigner` (S-CLIP's balanced entropic OT, the default),
+:class:`UnbalancedOTAssigner` (the support marginal relaxed by a KL penalty, POT),
+:class:`SoftNNAssigner` (the paper's Soft-PL ablation), :class:`HardNNAssigner` (Hard-PL).
 
-- ``"ot"`` :class:`OTAssigner`: S-CLIP's balanced entropic OT (the release).
-- ``"unbalanced_ot"`` :class:`UnbalancedOTAssigner`: the support-side marginal relaxed by a KL
-  penalty (POT), so a small support with skewed classes need not receive equal mass.
-- ``"soft_nn"`` :class:`SoftNNAssigner`: the paper's Soft-PL ablation.
-- ``"hard_nn"`` :class:`HardNNAssigner`: the paper's Hard-PL ablation.
-
-Write your own by subclassing :class:`Assigner` and overriding :meth:`Assigner.plan` (query
-vs the chosen support) or :meth:`Assigner.forward` (everything); pass the instance, the class
-or its import path (``"mypkg.assigners.MyAssigner"``) as ``assigner``.
+Write your own by subclassing :class:`Assigner` and overriding :meth:`Assigner.plan`; give
+an instance to :class:`~sclip_lightning.losses.SCLIPLoss` (``assigner=``), or its class path
+in YAML (``assigner: {class_path: mypkg.MyAssigner, init_args: {...}}``).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from sclip_lightning.losses.sinkhorn import SINKHORN_SOLVERS, sinkhorn_plan
+from sclip_lightning.losses.component import Component, check_choice
+from sclip_lightning.losses.sinkhorn import SinkhornSolver, sinkhorn_plan
 
-SUPPORTS = ("image", "text")
+Support = Literal["image", "text"]
 
 
-class Assigner(nn.Module):
+class Assigner(Component):
     """Base class: (unpaired, support) features -> row-stochastic plan (B_u, S).
 
     Args:
@@ -46,12 +40,13 @@ class Assigner(nn.Module):
         detach_plan: stop gradients through the plan (the release: False).
     """
 
-    def __init__(self, assigner_support: str = "image", detach_plan: bool = False) -> None:
+    #: whether :meth:`plan` gives masked support rows no weight itself; False: :meth:`forward`
+    #: zeroes them and renormalises the rows (set True in an assigner that handles the mask)
+    handles_mask: bool = False
+
+    def __init__(self, assigner_support: Support = "image", detach_plan: bool = False) -> None:
         super().__init__()
-        if assigner_support not in SUPPORTS:
-            raise ValueError(
-                f"assigner_support must be one of {SUPPORTS}, got {assigner_support!r}"
-            )
+        check_choice("assigner_support", assigner_support, Support)
         self.assigner_support = assigner_support
         self.detach_plan = bool(detach_plan)
 
@@ -83,7 +78,11 @@ class Assigner(nn.Module):
                 support.detach(),
                 logit_scale.detach(),
             )
-        return self.plan(unpaired, support, logit_scale, support_mask)
+        plan = self.plan(unpaired, support, logit_scale, support_mask)
+        if support_mask is None or self.handles_mask:
+            return plan
+        plan = plan * support_mask  # a plan that ignored the mask: masked rows get nothing
+        return plan / plan.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
 
     def plan(
         self,
@@ -108,7 +107,34 @@ def _column_mass(support_mask: torch.Tensor | None, dtype: torch.dtype) -> torch
     return mass / mass.sum()
 
 
-class OTAssigner(Assigner):
+class EntropicAssigner(Assigner):
+    """Base of the entropic OT assigners: the Sinkhorn iterations and regularisation.
+
+    Args:
+        sinkhorn_iters: iterations (release 10: not run to convergence), >= 1.
+        sinkhorn_reg: fixed entropic regularisation > 0, or None for ``1/s`` (release).
+        **kwargs: :class:`Assigner`'s options (``assigner_support``, ``detach_plan``).
+    """
+
+    handles_mask = True
+
+    def __init__(
+        self, sinkhorn_iters: int = 10, sinkhorn_reg: float | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+        if sinkhorn_reg is not None and not sinkhorn_reg > 0:
+            raise ValueError(f"sinkhorn_reg must be > 0 or None (= 1/s), got {sinkhorn_reg}")
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.sinkhorn_reg = sinkhorn_reg
+
+    def regularisation(self, logit_scale: torch.Tensor) -> torch.Tensor | float:
+        """``reg``: the fixed value, or ``1/s``."""
+        return 1.0 / logit_scale if self.sinkhorn_reg is None else self.sinkhorn_reg
+
+
+class OTAssigner(EntropicAssigner):
     """S-CLIP's caption-level assignment: balanced entropic optimal transport.
 
     Cost ``C = 1 - U S^T`` (cosine), uniform marginals, ``reg = 1/s``, 10 Sinkhorn iterations
@@ -116,39 +142,25 @@ class OTAssigner(Assigner):
     iterations into the features and ``s`` (as the release, unless ``detach_plan``).
 
     Args:
-        assigner_support, detach_plan: see :class:`Assigner`.
-        sinkhorn_iters: iterations (release 10), >= 1.
-        sinkhorn_reg: fixed regularisation > 0, or None for ``1/s`` (release).
         sinkhorn_solver: ``"pot"`` (the release: POT's multiplicative updates in float64,
             exact for ``reg >= 1/350``) or ``"log"`` (log domain, exact in float32 for any reg).
+        **kwargs: :class:`EntropicAssigner`'s and :class:`Assigner`'s options.
     """
 
-    def __init__(
-        self,
-        assigner_support: str = "image",
-        detach_plan: bool = False,
-        sinkhorn_iters: int = 10,
-        sinkhorn_reg: float | None = None,
-        sinkhorn_solver: str = "pot",
-    ) -> None:
-        super().__init__(assigner_support, detach_plan)
-        _check_sinkhorn(sinkhorn_iters, sinkhorn_reg)
-        if sinkhorn_solver not in SINKHORN_SOLVERS:
-            raise ValueError(
-                f"sinkhorn_solver must be one of {SINKHORN_SOLVERS}, got {sinkhorn_solver!r}"
-            )
-        self.sinkhorn_iters = int(sinkhorn_iters)
-        self.sinkhorn_reg = sinkhorn_reg
+    def __init__(self, sinkhorn_solver: SinkhornSolver = "pot", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_choice("sinkhorn_solver", sinkhorn_solver, SinkhornSolver)
         self.sinkhorn_solver = sinkhorn_solver
 
     def plan(self, query, support, logit_scale, support_mask):
         cost = 1.0 - query @ support.T  # the release: float32 cost
-        reg = 1.0 / logit_scale if self.sinkhorn_reg is None else self.sinkhorn_reg
         mass = _column_mass(support_mask, torch.float64)
-        return sinkhorn_plan(cost, reg, self.sinkhorn_iters, self.sinkhorn_solver, mass)
+        return sinkhorn_plan(
+            cost, self.regularisation(logit_scale), self.sinkhorn_iters, self.sinkhorn_solver, mass
+        )
 
 
-class UnbalancedOTAssigner(Assigner):
+class UnbalancedOTAssigner(EntropicAssigner):
     """Entropic OT with the support-side marginal relaxed (POT, unbalanced Sinkhorn).
 
     Every unpaired image still sends mass ``1/B_u`` (hard query marginal), but the support
@@ -165,26 +177,14 @@ class UnbalancedOTAssigner(Assigner):
     the iteration count fixed.
 
     Args:
-        assigner_support, detach_plan: see :class:`Assigner`.
-        sinkhorn_iters: iterations (default 10, as the balanced plan).
-        sinkhorn_reg: fixed entropic regularisation, or None for ``1/s``.
         reg_m: KL penalty on the support marginal, > 0.
+        **kwargs: :class:`EntropicAssigner`'s and :class:`Assigner`'s options.
     """
 
-    def __init__(
-        self,
-        assigner_support: str = "image",
-        detach_plan: bool = False,
-        sinkhorn_iters: int = 10,
-        sinkhorn_reg: float | None = None,
-        reg_m: float = 0.05,
-    ) -> None:
-        super().__init__(assigner_support, detach_plan)
-        _check_sinkhorn(sinkhorn_iters, sinkhorn_reg)
+    def __init__(self, reg_m: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not reg_m > 0:
             raise ValueError(f"reg_m must be > 0, got {reg_m}")
-        self.sinkhorn_iters = int(sinkhorn_iters)
-        self.sinkhorn_reg = sinkhorn_reg
         self.reg_m = float(reg_m)
 
     def plan(self, query, support, logit_scale, support_mask):
@@ -199,7 +199,8 @@ class UnbalancedOTAssigner(Assigner):
         else:  # v = (b / K^T u)^f has an infinite derivative at b = 0 (NaN gradients):
             # masked rows get the smallest float64 mass instead and are zeroed below
             b = b.clamp_min(torch.finfo(torch.float64).tiny)
-        reg = (1.0 / logit_scale).double() if self.sinkhorn_reg is None else self.sinkhorn_reg
+        reg = self.regularisation(logit_scale)
+        reg = reg.double() if isinstance(reg, torch.Tensor) else reg
         plan = ot.unbalanced.sinkhorn_unbalanced(
             a,
             b,
@@ -219,6 +220,8 @@ class UnbalancedOTAssigner(Assigner):
 class SoftNNAssigner(Assigner):
     """Soft-PL (the paper's ablation): ``softmax(s * U S^T)`` over the support."""
 
+    handles_mask = True
+
     def plan(self, query, support, logit_scale, support_mask):
         return torch.softmax(_masked(logit_scale * (query @ support.T), support_mask), dim=-1)
 
@@ -226,85 +229,11 @@ class SoftNNAssigner(Assigner):
 class HardNNAssigner(Assigner):
     """Hard-PL (the paper's ablation): one-hot on the most similar support item (no gradient)."""
 
+    handles_mask = True
+
     def plan(self, query, support, logit_scale, support_mask):
         nearest = _masked(query @ support.T, support_mask).argmax(dim=-1)
         return F.one_hot(nearest, support.shape[0]).to(query.dtype)
-
-
-def _check_sinkhorn(iters: int, reg: float | None) -> None:
-    if iters < 1:
-        raise ValueError(f"sinkhorn_iters must be >= 1, got {iters}")
-    if reg is not None and not reg > 0:
-        raise ValueError(f"sinkhorn_reg must be > 0 or None (= 1/s), got {reg}")
-
-
-#: Built-in assigners by name (``SCLIPLoss(assigner=<name>)``, ``--model.init_args.assigner``).
-ASSIGNERS: dict[str, type[Assigner]] = {
-    "ot": OTAssigner,
-    "unbalanced_ot": UnbalancedOTAssigner,
-    "soft_nn": SoftNNAssigner,
-    "hard_nn": HardNNAssigner,
-}
-
-
-def assigner_class(spec: str | type[nn.Module]) -> type[nn.Module]:
-    """The class of a name in :data:`ASSIGNERS`, an import path or a class."""
-    if isinstance(spec, type):
-        cls: Any = spec
-    elif spec in ASSIGNERS:
-        cls = ASSIGNERS[spec]
-    elif isinstance(spec, str) and "." in spec:
-        module, _, name = spec.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot import assigner {spec!r}: {e}") from None
-    else:
-        raise ValueError(
-            f"unknown assigner {spec!r}: use one of {sorted(ASSIGNERS)} or an import path "
-            "'package.module.Class' of an Assigner subclass"
-        )
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"assigner {spec!r} is not an nn.Module (subclass Assigner)")
-    return cls
-
-
-#: Options every loss-level caller offers (``SCLIPLoss``, the module); an assigner that does
-#: not take one of them (Soft-PL has no Sinkhorn) simply does not get it.
-SHARED_OPTIONS = frozenset(
-    {"assigner_support", "detach_plan", "sinkhorn_iters", "sinkhorn_reg", "sinkhorn_solver"}
-)
-
-
-def accepted_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``options`` that ``cls.__init__`` accepts (all with ``**kwargs``).
-
-    Raises:
-        ValueError: an option that is neither accepted nor one of :data:`SHARED_OPTIONS`
-            (a misspelt or foreign option must not vanish silently).
-    """
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(options)
-    unknown = sorted(k for k in options if k not in params and k not in SHARED_OPTIONS)
-    if unknown:
-        known = sorted(params)
-        raise ValueError(f"{cls.__name__} does not take {unknown}; its options: {known}")
-    return {k: v for k, v in options.items() if k in params}
-
-
-def build_assigner(
-    spec: str | type[nn.Module] | nn.Module, options: dict[str, Any] | None = None
-) -> nn.Module:
-    """An assigner from an instance (returned as is), a class, a name or an import path.
-
-    ``options`` are offered to the constructor; those it does not accept are left out (the
-    shared Sinkhorn options mean nothing to Soft-PL, for instance).
-    """
-    if isinstance(spec, nn.Module):
-        return spec
-    cls = assigner_class(spec)
-    return cls(**accepted_options(cls, options or {}))
 
 
 def assign(
@@ -312,22 +241,12 @@ def assign(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
-    assigner: str = "ot",
-    **options: Any,
+    assigner: Assigner | None = None,
 ) -> torch.Tensor:
-    """One-call form: ``build_assigner(assigner, options)(unpaired, image, text, s)``.
-
-    Args:
-        unpaired_features: (B_u, D). image_features, text_features: (B_p, D) support.
-        logit_scale: the scale ``s``.
-        assigner: a name of :data:`ASSIGNERS` or an import path.
-        **options: the assigner's options (``assigner_support``, ``sinkhorn_iters``, ...).
-
-    Returns:
-        (B_u, B_p) plan.
-    """
+    """One-call form: the (B_u, B_p) plan of ``assigner`` (default :class:`OTAssigner`) of
+    unpaired features (B_u, D) over a paired support (B_p, D) at scale ``logit_scale``."""
     scale = torch.as_tensor(logit_scale, dtype=unpaired_features.dtype)
-    module = build_assigner(assigner, options)
+    module = assigner if assigner is not None else OTAssigner()
     return module(
         unpaired_features, image_features, text_features, scale.to(unpaired_features.device)
     )

@@ -11,7 +11,7 @@ Modes (``size``):
 
 - ``0``: off (the release: the support is the batch).
 - ``N > 0``: the last ``N`` paired samples, first in first out.
-- ``-1``: one slot per paired training image, refreshed by its index (``paired_ids``)
+- ``-1``: one slot per paired training image, refreshed by its index (``pair_index``)
   whenever it is in the batch; needs the number of paired images (:meth:`set_capacity`).
 
 Slots never filled, and bank rows of samples that are in the current batch, are masked out
@@ -100,8 +100,9 @@ class SupportBank(nn.Module):
             return image, text, candidates, None, labels
         bank = self._on(image.device)
         valid = bank["ids"] != -1  # -1: never filled (-2: filled, id unknown)
-        if ids is not None:
-            valid &= ~torch.isin(bank["ids"], ids)
+        if ids is not None:  # a broadcast comparison, not torch.isin: with more than ~30 ids
+            # isin sorts and calls unique(), whose output size costs a host sync on CUDA
+            valid &= ~(bank["ids"][:, None] == ids[None, :]).any(dim=1)
         mask = torch.cat([valid.new_ones(image.shape[0]), valid])
         s_image = torch.cat([image, bank["image"].to(image.dtype)])
         s_text = torch.cat([text, bank["text"].to(text.dtype)])
@@ -130,7 +131,7 @@ class SupportBank(nn.Module):
             if self.size == -1:
                 raise ValueError(
                     "support_bank_size=-1 keeps one slot per paired image and needs their ids "
-                    "(paired_ids, the batch's 'pair_index' from SCLIPDataModule)"
+                    "(pair_index: SCLIPDataModule's batches carry it)"
                 )
             ids = torch.full((b,), -2, dtype=torch.long, device=image.device)  # unknown
         if not self.state:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from sclip_lightning.losses.functional import soft_cross_entropy
 
@@ -31,17 +30,3 @@ def caption_loss(
     """
     logits = logit_scale * (unpaired_features @ support_text.T)
     return soft_cross_entropy(logits, plan, column_mask=support_mask)
-
-
-class CaptionOTLoss(nn.Module):
-    """:func:`caption_loss` as a module (the plan comes from an assigner)."""
-
-    def forward(
-        self,
-        unpaired_features: torch.Tensor,
-        support_text: torch.Tensor,
-        logit_scale: torch.Tensor | float,
-        plan: torch.Tensor,
-        support_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return caption_loss(unpaired_features, support_text, logit_scale, plan, support_mask)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -37,30 +36,3 @@ def contrastive_loss(
     return (
         F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
     ) / 2
-
-
-class ContrastiveLoss(nn.Module):
-    """CLIP loss of S-CLIP, usable alone (see :func:`contrastive_loss`).
-
-    Args:
-        unpaired_negatives: use unpaired images as extra text->image candidates (release:
-            True). With False this is exactly open_clip's ``ClipLoss``.
-    """
-
-    def __init__(self, unpaired_negatives: bool = True) -> None:
-        super().__init__()
-        self.unpaired_negatives = unpaired_negatives
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor | float,
-        unpaired_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return contrastive_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            unpaired_features if self.unpaired_negatives else None,
-        )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+from typing import Literal
 
+import torch
+
+from sclip_lightning.losses.component import check_choice
 from sclip_lightning.losses.functional import soft_cross_entropy
 
-KEYWORD_WEIGHTINGS = ("linear", "softmax")
+KeywordWeighting = Literal["linear", "softmax"]
 
 
 def keyword_targets(
@@ -15,7 +17,7 @@ def keyword_targets(
     keyword_features: torch.Tensor,
     candidates: torch.Tensor,
     logit_scale: torch.Tensor | float,
-    weighting: str = "softmax",
+    weighting: KeywordWeighting = "softmax",
     logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Partial-label targets over the keyword vocabulary.
@@ -36,8 +38,7 @@ def keyword_targets(
     Returns:
         (B_u, K) float targets, rows summing to 1 (or 0 without candidates).
     """
-    if weighting not in KEYWORD_WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {KEYWORD_WEIGHTINGS}, got {weighting!r}")
+    check_choice("keyword_weighting", weighting, KeywordWeighting)
     if logits is None:
         logits = (unpaired_features @ keyword_features.T) * logit_scale
     sim = logits.detach()
@@ -60,7 +61,7 @@ def keyword_loss(
     support_candidates: torch.Tensor,
     plan: torch.Tensor,
     logit_scale: torch.Tensor | float,
-    weighting: str = "softmax",
+    weighting: KeywordWeighting = "softmax",
     empty_rows_in_mean: bool = True,
 ) -> torch.Tensor:
     """S-CLIP's keyword loss (Sec. 3.2): partial-label learning over the keyword vocabulary.
@@ -89,41 +90,3 @@ def keyword_loss(
     )
     row_weight = None if empty_rows_in_mean else candidates.any(dim=-1).to(logits.dtype)
     return soft_cross_entropy(logits, targets, row_weight)
-
-
-class KeywordPLLLoss(nn.Module):
-    """:func:`keyword_loss` as a module.
-
-    Args:
-        keyword_weighting: ``"linear"`` (release) or ``"softmax"`` (stable).
-        keyword_empty_rows_in_mean: see :func:`keyword_loss` (release: True).
-    """
-
-    def __init__(
-        self, keyword_weighting: str = "softmax", keyword_empty_rows_in_mean: bool = True
-    ) -> None:
-        super().__init__()
-        if keyword_weighting not in KEYWORD_WEIGHTINGS:
-            raise ValueError(
-                f"keyword_weighting must be one of {KEYWORD_WEIGHTINGS}, got {keyword_weighting!r}"
-            )
-        self.keyword_weighting = keyword_weighting
-        self.keyword_empty_rows_in_mean = keyword_empty_rows_in_mean
-
-    def forward(
-        self,
-        unpaired_features: torch.Tensor,
-        keyword_features: torch.Tensor,
-        support_candidates: torch.Tensor,
-        plan: torch.Tensor,
-        logit_scale: torch.Tensor | float,
-    ) -> torch.Tensor:
-        return keyword_loss(
-            unpaired_features,
-            keyword_features,
-            support_candidates,
-            plan,
-            logit_scale,
-            self.keyword_weighting,
-            self.keyword_empty_rows_in_mean,
-        )

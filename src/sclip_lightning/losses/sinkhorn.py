@@ -24,10 +24,13 @@ the support bank's empty or duplicate slots).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
-SINKHORN_SOLVERS = ("pot", "log")
+from sclip_lightning.losses.component import check_choice
+
+SinkhornSolver = Literal["pot", "log"]
 
 
 def _col_mass(cost: torch.Tensor, col_mass: torch.Tensor | None) -> torch.Tensor | float:
@@ -110,8 +113,7 @@ def sinkhorn_plan(
     ``solver="pot"`` runs :func:`sinkhorn_pot` in float64 (the release); ``"log"`` runs
     :func:`sinkhorn_log` in the cost's dtype (float32 at least).
     """
-    if solver not in SINKHORN_SOLVERS:
-        raise ValueError(f"sinkhorn_solver must be one of {SINKHORN_SOLVERS}, got {solver!r}")
+    check_choice("sinkhorn_solver", solver, SinkhornSolver)
     if solver == "pot":
         reg64 = reg.double() if isinstance(reg, torch.Tensor) else float(reg)
         mass = None if col_mass is None else col_mass.double()
