@@ -5,6 +5,10 @@ the ranks (odd sizes: 9 class-folder images, 3 caption-table images) beside a mu
 set (the synthetic test split: 500 images, 3 captions each). tests/test_ddp_eval.py compares
 the rows of the two runs.
 
+The towers run in float64 (``precision="64-true"``): each rank encodes other batches (other
+shapes, kernels and sums), which in float32 would change every feature by rounding on any CPU;
+in float64 both runs hand the evaluation (which scores in float32) the same float32 features.
+
 Usage: python tests/ddp_eval_check.py OUT.json DEVICES CLASS_FOLDER CAPTION_TABLE
 """
 
@@ -32,7 +36,9 @@ def main() -> None:
         zeroshot=["synthetic", f"class_folder={classes}"],
         retrieval=["synthetic", f"caption_table={table}"],
     )
-    trainer = quiet_cpu_trainer(devices=devices, strategy="ddp" if devices > 1 else "auto")
+    trainer = quiet_cpu_trainer(
+        devices=devices, strategy="ddp" if devices > 1 else "auto", precision="64-true"
+    )
     trainer.test(model, dm, verbose=False)
     if trainer.is_global_zero:
         with open(out, "w") as f:

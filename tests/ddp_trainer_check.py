@@ -5,6 +5,12 @@ rounding noise in near-zero gradients (|g| ~ 1e-7, e.g. attention key biases, wh
 gradient is 0) into differences of up to 2 * lr, so it cannot show equality at 1e-5. The
 gradients after DDP's all-reduce are compared directly as well.
 
+The towers run in float64 (``precision="64-true"``): on half batches DDP computes them with
+other kernels and summation orders, which in float32 differ by rounding on any CPU. In float64
+both runs hand SCLIPLoss (which computes in float32) the same float32 features, in another row
+order (DDP's sampler orders the global batch differently); tests/losses/test_ddp.py bounds what
+that reordering can change.
+
 Usage: python tests/ddp_trainer_check.py OUT.pt DEVICES [objective]
 DEVICES=1 runs single-device on the whole global batch; DEVICES=2 runs DDP (gloo, CPU) with
 half of it per process. tests/losses/test_ddp.py compares the two.
@@ -83,7 +89,9 @@ def main() -> None:
         warmup_steps=0,
         scheduler="constant",
     )
+    model = model.double()  # before the snapshot: "64-true" would convert it in fit
     trainer = quiet_cpu_trainer(
+        precision="64-true",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_steps=1,

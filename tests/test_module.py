@@ -89,6 +89,7 @@ def test_optimizer_groups_and_logit_scale_clamp(synthetic_root):
     m = SCLIPModule(model_name="sclip-tiny", lr=1.0, warmup_steps=2)  # huge lr: scale explodes
     trainer = quiet_cpu_trainer(max_steps=3)
     trainer.fit(m, dm)
+    # clamped in float32: float32(log 100) is within half an ulp (2.4e-7) of log 100
     assert float(m.model.logit_scale) <= math.log(100) + 1e-6
     opt = trainer.optimizers[0]
     decay, no_decay = opt.param_groups
@@ -156,6 +157,9 @@ def test_chunked_retrieval_recall_matches_naive(max_elements):
     txt = torch.nn.functional.normalize(
         img[owner] + 0.8 * torch.randn(len(owner), 8, generator=g), dim=-1
     )
+    # float32 scores: both ways err by <= gamma_8 = 8 * 2^-24 = 5e-7 each (any summation
+    # order), while two scores of one query differ by >= 1.9e-5 here, 1.8e-5 away from the
+    # tie tolerance (1e-6) too: no comparison can come out differently
     got = retrieval_recall(img, txt, owner, ks=(1, 5), max_elements=max_elements)
     for k in (1, 5):
         i2t, t2i = naive_recall(img, txt, owner, k)
@@ -175,8 +179,15 @@ def test_custom_assigner_drives_training_and_the_pseudo_label_metric(preset):
     from helpers import FixedPlan
 
     criterion = preset(caption_weight=1.0, keyword_weight=0.0, assigner=FixedPlan(PLAN))
+    torch.manual_seed(0)  # weights whose log-softmax tells plans apart (a shifted PLAN: 0.17)
     m = make_module(criterion=criterion, keyword_vocabulary=[])
+    # float64 towers: the expected value below encodes the 4 unpaired images alone, the loss
+    # with the paired ones (other shapes, other kernels); in float64 both give the loss the
+    # same float32 features (SCLIPLoss casts), so only the loss's own float32 arithmetic is left
+    m = m.double()
     batch = fixed_batch(m, bp=4, bu=4)
+    for part in ("paired", "unpaired"):
+        batch[part]["image"] = batch[part]["image"].double()
     batch["paired"]["label"] = torch.tensor([0, 1, 2, 3])
     unpaired_labels = torch.tensor([1, 0, 2, 0])  # argmax of PLAN rows: 1, 0, 3, 3
     terms = m.compute_losses(batch)
@@ -184,8 +195,12 @@ def test_custom_assigner_drives_training_and_the_pseudo_label_metric(preset):
         u = m.encode_images(batch["unpaired"]["image"])
         y = m.encode_texts(batch["paired"]["text"])
         log_p = torch.log_softmax(m.logit_scale() * u @ y.T, dim=-1)
-        expected = -(torch.tensor(PLAN) * log_p).sum(-1).mean()
-    torch.testing.assert_close(terms["caption_loss"].detach(), expected, atol=1e-5, rtol=1e-5)
+        expected = -(torch.tensor(PLAN, dtype=log_p.dtype) * log_p).sum(-1).mean()
+    # The loss in float32: each logit s * u.y (unit vectors, D = 64, s = 14.3) is within
+    # s * (64 + 2) * 2^-24 = 5.6e-5 of its exact value in any summation order; a log-softmax
+    # moves by at most twice its logits' largest error, and a mean of rows weighted by plan
+    # rows that sum to 1 no more: |error| <= 1.2e-4 (+ ~3e-6 of float32 log-softmax rounding).
+    torch.testing.assert_close(terms["caption_loss"].detach().double(), expected, atol=2e-4, rtol=0)
     acc = m.criterion.train_metrics(unpaired_labels)["pseudo_label_acc"]
     assert float(acc) == pytest.approx(2 / 4)
 
@@ -209,9 +224,10 @@ def test_short_keyword_encoding_is_exact():
         m._keyword_length is not None
         and m._keyword_length < m.get_buffer("keyword_tokens").shape[1]
     )
-    m.eval()
+    m = m.double().eval()  # float64: the two sequence lengths run other kernels and sums
     full = m.encode_texts(m.get_buffer("keyword_tokens"))
-    torch.testing.assert_close(m.encode_keywords(), full, atol=1e-5, rtol=1e-5)
+    # float64 defaults (rtol, atol 1e-7): the difference is float64 rounding (~1e-16 here)
+    torch.testing.assert_close(m.encode_keywords(), full)
 
 
 def test_one_test_run_evaluates_several_sets_with_a_template_ensemble(synthetic_root, tmp_path):
