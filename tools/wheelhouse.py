@@ -79,8 +79,9 @@ NODE_PROVIDES = (
 
 #: node packages downloaded all the same (no dependencies), so pip can upgrade an older one:
 #: open_clip_torch 3.3 requires timm >= 1.0.17 and test_gpu.py builds timm's test models;
-#: the node's timm version was not measured (2.5 MB)
-ALSO = ("timm",)
+#: the node's timm version was not measured (2.5 MB); the package needs lightning >= 2.6
+#: (pyproject: LightningCLI's parser_class, objective checkpoints), newer than many images
+ALSO = ("timm", "lightning")
 
 #: the node's torch and torchvision: the resolver sees them at these versions
 NODE_TORCH = ("torch==2.11.0", "torchvision==0.26.0")
