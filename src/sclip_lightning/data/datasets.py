@@ -43,7 +43,24 @@ def split_labeled(n: int, label_ratio: float, seed: int) -> tuple[list[int], lis
     return sorted(perm[:n_paired]), sorted(perm[n_paired:])
 
 
-class PairedTrainSet(Dataset):
+class _SeededSubset(Dataset):
+    """Training items at positions ``self.indices`` of a base set. A key is a position or
+    ``(position, seed)`` from a ``ResumableSampler``: ``_get`` then runs under that seed
+    (:func:`~sclip_lightning.data.sampling.seeded`), so its random choices repeat on resume."""
+
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        return seeded(key, self._get)
+
+    def _get(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class PairedTrainSet(_SeededSubset):
     """Paired training items ``{"image", "text", "keywords", "index", "pair_index"}``.
 
     One caption per image per visit, drawn at random (``caption_sampling="random"``) or the
@@ -68,12 +85,6 @@ class PairedTrainSet(Dataset):
         self.hidden_labels = hidden_labels
         self.outputs = outputs or TowerOutputs()
         self.caption_keywords = caption_keywords or {}
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        return seeded(key, self._get)
 
     def _get(self, i: int) -> dict[str, Any]:
         index = self.indices[i]
@@ -103,19 +114,13 @@ class PairedTrainSet(Dataset):
         return out
 
 
-class UnpairedTrainSet(Dataset):
+class UnpairedTrainSet(_SeededSubset):
     """Unpaired items ``{"image", "index"}``."""
 
     def __init__(self, base, indices, transform, hidden_labels=False, outputs=None):
         self.base, self.indices, self.transform = base, list(indices), transform
         self.hidden_labels = hidden_labels
         self.outputs: TowerOutputs = outputs or TowerOutputs()
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        return seeded(key, self._get)
 
     def _get(self, i: int) -> dict[str, Any]:
         index = self.indices[i]
