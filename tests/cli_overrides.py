@@ -15,6 +15,17 @@ from fixtures import (
     write_scicap,
 )
 
+#: tiny batches on one CPU process in float32, whatever the config asks for
+TINY_RUN = [
+    "--data.init_args.num_workers=0",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.unpaired_batch_size=4",
+    "--data.init_args.eval_batch_size=16",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+]
+
 
 def data_overrides(cfgs: list[Path], tmp_path: Path) -> list[str]:
     """Write fixture data in the configs' native layout; return the root overrides."""

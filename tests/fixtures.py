@@ -28,6 +28,12 @@ def _image(path: Path, seed: int, size: int = 24) -> None:
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
 
 
+def _rsicd_entry(name: str, k: int, split: str, caps: list[str]) -> dict:
+    """One image of dataset_rsicd.json (Karpathy-style sentences)."""
+    sentences = [{"raw": c, "tokens": c.split()} for c in caps]
+    return {"filename": name, "imgid": k, "split": split, "sentences": sentences}
+
+
 def write_rsicd(root: Path, per_split: dict[str, int] | None = None) -> Path:
     """RSICD: dataset_rsicd.json + RSICD_images/ + txtclasses_rsicd/<Class>.txt."""
     per_split = per_split or {"train": 24, "val": 8, "test": 8}
@@ -39,14 +45,7 @@ def write_rsicd(root: Path, per_split: dict[str, int] | None = None) -> Path:
             name = f"{cls.lower()}_{k}.jpg"
             _image(root / "RSICD_images" / name, k)
             caps = [f"many buildings near the {WORDS[cls]} number {j}" for j in range(5)]
-            images.append(
-                {
-                    "filename": name,
-                    "imgid": k,
-                    "split": split,
-                    "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
-                }
-            )
+            images.append(_rsicd_entry(name, k, split, caps))
             lists[cls].append(name)
             k += 1
     (root / "dataset_rsicd.json").write_text(json.dumps({"images": images, "dataset": "rsicd"}))
@@ -91,14 +90,7 @@ def write_rsicd_distinct(root: Path, per_split: dict[str, int] | None = None) ->
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
             caps = [f"a {cls} seen from above, picture {k}", f"image number {k} shows a {cls}"]
-            images.append(
-                {
-                    "filename": name,
-                    "imgid": k,
-                    "split": split,
-                    "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
-                }
-            )
+            images.append(_rsicd_entry(name, k, split, caps))
             lists[cls].append(name)
             meta[split].append({"path": path, "class": cls, "captions": caps})
             k += 1

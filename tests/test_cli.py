@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_overrides import data_overrides, model_overrides
+from cli_overrides import TINY_RUN, data_overrides, model_overrides
 
 from sclip_lightning.cli import main
 
@@ -75,13 +75,7 @@ def test_every_config_fits_and_tests(name, tmp_path, tiny_lit):
     common = [
         *(arg for c in cfgs for arg in ("--config", str(c))),
         *model_overrides(cfgs, tiny_lit),
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.unpaired_batch_size=4",
-        "--data.init_args.eval_batch_size=16",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.precision=32-true",
+        *TINY_RUN,
         f"--trainer.default_root_dir={tmp_path}",
         f"--model.init_args.results_dir={tmp_path / 'results'}",
         *data_overrides(cfgs, tmp_path),

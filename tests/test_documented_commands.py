@@ -23,7 +23,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from cli_overrides import data_overrides, model_overrides
+from cli_overrides import TINY_RUN, data_overrides, model_overrides
 
 from sclip_lightning.cli import main
 
@@ -143,15 +143,9 @@ def test_documented_commands_run_as_written(doc, tmp_path, tiny_lit, monkeypatch
         tiny = [
             *model_overrides(configs, tiny_lit),
             *data_overrides(configs, tmp_path),
-            "--data.init_args.num_workers=0",
-            "--data.init_args.batch_size=4",
-            "--data.init_args.unpaired_batch_size=4",
-            "--data.init_args.eval_batch_size=16",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
+            *TINY_RUN,
             "--trainer.num_nodes=1",
             "--trainer.strategy=auto",
-            "--trainer.precision=32-true",
         ]
         if argv[0] == "fit":
             tiny.append("--trainer.max_steps=2")
