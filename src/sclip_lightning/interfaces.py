@@ -10,7 +10,7 @@ these members; no other attribute is probed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -26,10 +26,19 @@ class TrainInfo:
     Attributes:
         keywords: the keyword vocabulary (resolved: a file, the source's own list, or mined).
         num_paired: the number of paired training images (the slots of a per-pair bank).
+        paired_captions: every caption of each paired image, in ``pair_index`` order (what
+            an objective mines its own vocabulary from, e.g. SemiCLIP's concepts).
+        unpaired_index: the ``index`` an unpaired training item carries, in unpaired order
+            (empty when unpaired images are streamed without a fixed order).
+        unpaired_keys: a stable identifier of each of those images (its path), same order:
+            what a file of per-image values (SemiCLIP's stage-1 logits) is keyed by.
     """
 
     keywords: list[str]
     num_paired: int
+    paired_captions: list[list[str]] = field(default_factory=list)
+    unpaired_index: list[int] = field(default_factory=list)
+    unpaired_keys: list[str] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -87,4 +96,23 @@ class DataConsumer(Protocol):
     @property
     def uses_unpaired(self) -> bool:
         """Whether training reads unpaired images (False: the loader skips them)."""
+        ...
+
+    @property
+    def uses_strong_view(self) -> bool:
+        """Whether unpaired training items also carry ``"image_strong"``: a strongly augmented
+        view (RandAugment + Cutout) of the same image, as pixels even with the image cache."""
+        ...
+
+
+@runtime_checkable
+class UnpairedData(Protocol):
+    """A data module that can list its unpaired training images once, in order (SemiCLIP's
+    stage-1 logits are written from it)."""
+
+    def unpaired_dataloader(self, train_view: bool = False) -> Any:
+        """Batches ``{"image", "index"}`` over every unpaired training image, in
+        ``TrainInfo.unpaired_index`` order, not shuffled, not dropping the last batch, as the
+        encoders take them (pixels, or cached tower outputs); ``train_view``: the training
+        transform (one random crop) instead of the evaluation one."""
         ...
