@@ -1,4 +1,4 @@
-"""Text towers run on token embeddings, some of them learned (prompt tuning).
+"""Text towers run on token embeddings, some of them learned: SemiCLIP's surrogate captions.
 
 :class:`PromptEncoder` runs a model's text tower from token embeddings instead of token ids,
 so that some positions can hold learned vectors (prompt tuning). With the embeddings of the
@@ -11,13 +11,20 @@ ids themselves it equals ``model.encode_text(ids, normalize=True)``. Two kinds o
   ``sclip-effnet-minilm``): raw word embeddings into ``transformer(inputs_embeds=...)`` (the
   HF model adds position / token-type embeddings and its embedding LayerNorm itself), then
   the tower's pooler over the attention mask and its projection.
+
+:class:`SurrogatePrompts` builds SemiCLIP's surrogate captions (release
+``Gank0078/SemiCLIP``, custom/model.py:98-108, 280-289; ``docs/semiclip_release_notes.md``
+section 6): per image, ``words`` copies of a learned context, each followed by one of the
+image's top concepts, ``[start] ctx..ctx <concept 1> ctx..ctx <concept 2> ... [end] pad``.
+Token ids and positions come from the tokenizer (never hard-coded), so the layout holds for
+CLIP BPE (SOT/EOT) and WordPiece ([CLS]/[SEP], words in several pieces) alike.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -290,3 +297,203 @@ class _HFPromptEncoder(PromptEncoder):
     def _check_layout(self, ids: set[int]) -> None:
         if self.mask_pad_id in ids:
             raise ValueError(f"the prompt holds the padding id {self.mask_pad_id}")
+
+
+class SurrogatePrompts:
+    """Surrogate captions of SemiCLIP: a learned context interleaved with the top concepts of
+    each image.
+
+    Per image, ``words`` word slots, each the context's tokens (their embeddings replaced by
+    one copy of the learned context) followed by one concept's tokens, in descending score
+    order: ``[start] ctx ctx ctx <concept 1> ctx ctx ctx <concept 2> ... [end] pad`` (the
+    release's layout, quirk Q8; with CLIP BPE and ``"a photo includes"`` the context is 3
+    tokens, so ``num_context`` C = 12 for 4 words). The ids at context positions are the
+    context words' ids (they set the padding mask and the pooled position, never an
+    embedding).
+
+    Args:
+        encoder: the text tower (:meth:`PromptEncoder.for_model`).
+        concepts: the K concept words (a concept index i in ``top_concepts`` means
+            ``concepts[i]``); each is tokenised alone, as the release does.
+        words: concepts per caption (the release hard-codes 4, quirk Q10).
+        context: the text whose tokens make one copy of the context (and its initial value).
+        concept_tokens: ``"first"``: each concept contributes its first sub-token only
+            (the release, quirk Q7: every caption has the same length); ``"all"``: all its
+            sub-tokens (multi-token concepts kept whole; lengths then differ per caption).
+
+    Attributes:
+        num_context: C = context tokens x ``words``.
+        max_length: the longest any caption can be (start, ``words`` x (context + the longest
+            concept), end; at most L). Where the encoder is ``prefix_exact`` (CLIP's causal
+            tower with end-token pooling, HF mean / CLS pooling) the captions are encoded on
+            their first ``max_length`` positions only: the same features, less work.
+        context_ids: the ids of one copy of the context.
+        concept_table: (K, T_max) long: each concept's ids, padded with the pad id.
+        concept_lengths: (K,) long: how many ids of each row are the concept's.
+
+    Raises:
+        ValueError: ``words`` exceeds K, a concept or the context tokenises to nothing, or the
+            longest captions (the ``words`` longest concepts) do not fit the context length.
+    """
+
+    def __init__(
+        self,
+        encoder: PromptEncoder,
+        concepts: Sequence[str],
+        words: int = 4,
+        context: str = "a photo includes",
+        concept_tokens: Literal["first", "all"] = "all",
+    ) -> None:
+        if concept_tokens not in ("first", "all"):
+            raise ValueError(f"concept_tokens must be 'first' or 'all', not {concept_tokens!r}")
+        if not 1 <= words <= len(concepts):
+            raise ValueError(f"words={words} needs 1 <= words <= {len(concepts)} concepts")
+        self.encoder = encoder
+        self.concepts = list(concepts)
+        self.words = words
+        self.concept_tokens = concept_tokens
+        self.context_ids = encoder.word_tokens([context])[0]
+        if not self.context_ids:
+            raise ValueError(f"the context {context!r} tokenises to nothing")
+        self.num_context = len(self.context_ids) * words
+        tokens = encoder.word_tokens(self.concepts)
+        empty = [c for c, t in zip(self.concepts, tokens, strict=True) if not t]
+        if empty:
+            raise ValueError(f"concepts that tokenise to nothing: {empty[:10]}")
+        if concept_tokens == "first":
+            tokens = [t[:1] for t in tokens]
+        lengths = torch.tensor([len(t) for t in tokens])
+        self.concept_table = torch.full((len(tokens), int(lengths.max())), encoder.pad_id)
+        for i, t in enumerate(tokens):
+            self.concept_table[i, : len(t)] = torch.tensor(t)
+        self.concept_lengths = lengths
+        encoder._check_layout({*self.context_ids, *(i for t in tokens for i in t)})
+
+        frame = len(encoder.start_ids) + len(encoder.end_ids)
+        longest = lengths.topk(words)
+        worst = frame + self.num_context + int(longest.values.sum())
+        if worst > encoder.context_length:
+            names = [self.concepts[i] for i in longest.indices.tolist()]
+            raise ValueError(
+                f"surrogate captions need up to {worst} tokens ({frame} start/end + {words} x "
+                f"{len(self.context_ids)} context + {int(longest.values.sum())} for the "
+                f"{words} longest concepts {names}, concept_tokens={concept_tokens!r}) but the "
+                f"tokenizer's context length is {encoder.context_length}: use fewer words, a "
+                "shorter context or concept_tokens='first'"
+            )
+        # any caption fits in `bound` tokens, repeated concepts included (top-k never repeats
+        # one); past the context length, each call checks its captions
+        bound = frame + self.num_context + words * int(lengths.max())
+        self._check_calls = bound > encoder.context_length
+        self.max_length = min(bound, encoder.context_length)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._on_device:
+            e = self.encoder
+            self._on_device[device] = tuple(
+                t.to(device)
+                for t in (
+                    self.concept_table,
+                    self.concept_lengths,
+                    torch.tensor(self.context_ids * self.words),
+                    torch.tensor(e.start_ids, dtype=torch.long),
+                    torch.tensor(e.end_ids, dtype=torch.long),
+                )
+            )
+        return self._on_device[device]
+
+    def initial_context(self) -> torch.Tensor:
+        """The release's initial context: the context words' token embeddings, repeated per
+        word slot (custom/model.py:105-108).
+
+        Returns:
+            (C, W) detached clone (no tie to the token table).
+        """
+        ids = torch.tensor(self.context_ids, device=self.encoder.device)
+        return self.encoder.token_embeddings(ids).detach().repeat(self.words, 1).clone()
+
+    def token_ids(self, top_concepts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions' token ids and where the context goes.
+
+        Args:
+            top_concepts: (B, words) long concept indices, in slot order.
+
+        Returns:
+            ids: (B, L) long: start, per slot the context ids then the concept's, end, pad.
+            context_positions: (B, C) long: the position of each context row in each caption
+                (row ``j * n + t`` of the context is token t of slot j's copy, n = context
+                tokens).
+        """
+        if top_concepts.dim() != 2 or top_concepts.shape[1] != self.words:
+            raise ValueError(
+                f"top_concepts must be (B, {self.words}), not {tuple(top_concepts.shape)}"
+            )
+        device = top_concepts.device
+        table, lengths, context_ids, start_ids, end_ids = self._tables(device)
+        top = top_concepts.long()
+        batch, n_ctx = top.shape[0], len(self.context_ids)
+        length = self.encoder.context_length
+        lens = lengths[top]  # (B, words)
+        slot = n_ctx + lens
+        slot_start = len(start_ids) + slot.cumsum(1) - slot  # (B, words): first context token
+        end_at = len(start_ids) + slot.sum(1)  # (B,): first end token
+        if self._check_calls and batch and int(end_at.max()) + len(end_ids) > length:
+            raise ValueError(
+                f"a caption needs {int(end_at.max()) + len(end_ids)} tokens, more than the "
+                f"context length {length} (repeated long concepts in a row?)"
+            )
+        ctx_pos = slot_start[..., None] + torch.arange(n_ctx, device=device)
+        ctx_pos = ctx_pos.reshape(batch, self.num_context)
+        span = torch.arange(table.shape[1], device=device)
+        concept_pos = slot_start[..., None] + n_ctx + span  # (B, words, T_max)
+        # the unused columns of short concepts go to a spare column L, dropped below
+        concept_pos = torch.where(span < lens[..., None], concept_pos, length)
+        end_pos = end_at[:, None] + torch.arange(len(end_ids), device=device)
+        ids = torch.full((batch, length + 1), self.encoder.pad_id, dtype=torch.long, device=device)
+        ids[:, : len(start_ids)] = start_ids
+        ids.scatter_(1, ctx_pos, context_ids.expand(batch, self.num_context))
+        n_concept = self.words * table.shape[1]
+        ids.scatter_(1, concept_pos.reshape(batch, n_concept), table[top].reshape(batch, n_concept))
+        ids.scatter_(1, end_pos, end_ids.expand(batch, len(end_ids)))
+        return ids[:, :length], ctx_pos
+
+    def inputs(
+        self, top_concepts: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions' ids and token embeddings, the context positions taking ``context``.
+
+        Args:
+            top_concepts: (B, words) long concept indices, in slot order.
+            context: (C, W) context rows (a parameter: the gradient reaches it).
+
+        Returns:
+            ids: (B, L) long (:meth:`token_ids`).
+            embeds: (B, L, W) in the token table's dtype: the table's rows (gradient into the
+                concepts' and the start / end rows), the context rows at context positions.
+        """
+        if tuple(context.shape) != (self.num_context, self.encoder.width):
+            raise ValueError(
+                f"context must be ({self.num_context}, {self.encoder.width}), "
+                f"not {tuple(context.shape)}"
+            )
+        ids, ctx_pos = self.token_ids(top_concepts)
+        embeds = self.encoder.token_embeddings(ids)
+        batch, n, width = ids.shape[0], self.num_context, self.encoder.width
+        rows = context.to(embeds.dtype).expand(batch, n, width)
+        return ids, embeds.scatter(1, ctx_pos[..., None].expand(batch, n, width), rows)
+
+    def __call__(self, top_concepts: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Encode the surrogate captions.
+
+        Args:
+            top_concepts: (B, words) long concept indices (descending score order).
+            context: (C, W) context rows (a parameter).
+
+        Returns:
+            (B, D) L2-normalised text features.
+        """
+        ids, embeds = self.inputs(top_concepts, context)
+        if self.encoder.prefix_exact:  # cut the padding after the longest possible caption
+            ids, embeds = ids[:, : self.max_length], embeds[:, : self.max_length]
+        return self.encoder.encode(ids, embeds, normalize=True)
