@@ -318,3 +318,28 @@ def test_no_concept_kept_names_the_counts_and_the_option():
         frequency(min_images=2, max_fraction=0.5).mine(caps)
     with pytest.raises(ValueError, match=r"0 left after the stop nouns; use other stop_nouns"):
         frequency(stop_nouns=["river", "ox"]).mine(caps)
+
+
+# ------------------------------------------------------- bench/mine_vocabularies.py
+def test_vocabulary_bench_runs_on_an_rsicd_layout_and_needs_its_data(tmp_path, capsys):
+    import mine_vocabularies  # bench/mine_vocabularies.py (conftest puts bench/ on sys.path)
+    from fixtures import write_rsicd
+
+    with pytest.raises(SystemExit, match="not found at .*dataset_rsicd.json"):
+        mine_vocabularies.main(["--root", str(tmp_path / "absent")])
+    root = write_rsicd(tmp_path / "rsicd")
+    argv = ["--root", str(root), "--label-ratio", "1", "--num-keywords", "5", "--markdown"]
+    rows = mine_vocabularies.main(argv)
+    assert [r.size for r in rows] == [5, 0, 5, 5]
+    assert "fraction_of='images'" in rows[1].error  # 24 images, 7 candidates: Q1 empties it
+    out = capsys.readouterr().out
+    assert out.startswith("rsicd: 24 paired images") and "| `ConceptMiner()` |" in out
+
+
+@pytest.mark.realdata
+def test_vocabulary_bench_on_rsicd_mini(rsicd_mini, capsys):
+    import mine_vocabularies
+
+    rows = mine_vocabularies.main(["--root", str(rsicd_mini)])
+    assert all(r.size > 0 and not r.error for r in rows)
+    assert "720 paired images" in capsys.readouterr().out
