@@ -245,3 +245,51 @@ def test_epoch_follows_the_paired_loader_by_default(synthetic_root):
     loader = cyc.train_dataloader()
     iter(loader)
     assert len(loader) == len(cyc.unpaired_indices) // 10
+
+
+# ----------------------------------------------------------------------- YAKE keywords
+TANKS = [
+    "Many storage tanks are near a river.",
+    "storage tanks and a road",
+    "white storage tanks beside trees",
+    "a few storage tanks next to a road",
+    "the port has storage tanks",
+    "a quiet river",
+    "",
+]
+
+
+def test_yake_keywords_top_count_and_determinism(tmp_path, capsys):
+    from sclip_lightning.data.keywords import mine_keywords_yake, resolve_keywords
+
+    words = mine_keywords_yake(TANKS, top_k=4)
+    assert words[0] == "storage tanks" and len(words) == 4 and "river" in words
+    assert mine_keywords_yake(TANKS, top_k=4) == words  # deterministic
+    assert mine_keywords_yake(TANKS, top_k=2) == words[:2]  # the count is respected
+    assert mine_keywords_yake(TANKS, top_k=3, max_ngram=1)[:2] == ["storage", "tanks"]
+    assert all(w == w.lower() and " a " not in f" {w} " for w in words)  # no stop word ends
+    assert resolve_keywords("yake", None, tmp_path, TANKS, 3) == words[:3]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(
+        "keywords: 4 mined by YAKE (n <= 2) from 6 captions; top (score, lower is better): "
+        "storage tanks ("
+    )
+
+
+def test_yake_keywords_need_captions_and_valid_options():
+    from sclip_lightning.data.keywords import mine_keywords_yake
+
+    with pytest.raises(ValueError, match="no caption to mine keywords from"):
+        mine_keywords_yake(["", "  "])
+    with pytest.raises(ValueError, match="YAKE found no keyword in 2 captions"):
+        mine_keywords_yake(["the of and", "a an"])
+    for kw, match in [({"top_k": 0}, "top_k"), ({"max_ngram": 0}, "max_ngram")]:
+        with pytest.raises(ValueError, match=f"{match} must be >= 1"):
+            mine_keywords_yake(TANKS, **kw)
+
+
+def test_frequency_mining_prints_its_count_and_top_keywords(capsys):
+    mine_keywords(["a green forest", "the forest"], top_k=2, bigram_min_count=1)
+    assert capsys.readouterr().out == (
+        "keywords: 2 mined by frequency from 2 captions; top (count): forest (2), green (1)\n"
+    )

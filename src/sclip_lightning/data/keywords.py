@@ -1,7 +1,10 @@
 """Keyword vocabularies and keyword-candidate labels (S-CLIP Sec. 3.2).
 
 Works with ``spacy.blank("en")`` (tokeniser, stop words, PhraseMatcher); when a full English
-pipeline is installed (e.g. ``en_core_web_sm``) mining can use its noun chunks.
+pipeline is installed (e.g. ``en_core_web_sm``) mining can use its noun chunks. Keywords can
+also be mined with YAKE (:func:`mine_keywords_yake`), the extractor S-CLIP's authors used for
+their keyword vocabularies. Each mining logs and prints one line: how many keywords it kept
+and the top ones.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def resolve_keywords(
 
     Args:
         spec: a file path, ``"default"`` (the source's own list, if any), ``"mine"`` (the top
-            ``num_keywords`` mined from ``captions``) or None (no keywords).
+            ``num_keywords`` by frequency in ``captions``, :func:`mine_keywords`),
+            ``"yake"`` (the top ``num_keywords`` by YAKE over ``captions``,
+            :func:`mine_keywords_yake`) or None (no keywords).
         source_default: the source's ``root -> keyword file`` (or None).
         root: the source's root.
         captions: the paired captions (for mining).
@@ -47,6 +52,8 @@ def resolve_keywords(
         return load_keywords(path) if path is not None else []
     if spec == "mine":
         return mine_keywords(captions, top_k=num_keywords)
+    if spec == "yake":
+        return mine_keywords_yake(captions, top_k=num_keywords)
     return load_keywords(spec)
 
 
@@ -159,8 +166,87 @@ def mine_keywords(
                     if i + 1 < len(doc) and good[i + 1]:
                         bigrams[f"{tok.lower_} {doc[i + 1].lower_}"] += 1
         counts.update({b: c for b, c in bigrams.items() if c >= bigram_min_count})
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [w for w, _ in ranked[:top_k]]
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+    how = "noun chunks" if use_noun_chunks else "frequency"
+    _report(f"{len(ranked)} mined by {how} from {len(texts)} captions; top (count)", ranked)
+    return [w for w, _ in ranked]
+
+
+def mine_keywords_yake(
+    captions: Iterable[str],
+    top_k: int = 100,
+    max_ngram: int = 2,
+    dedup_lim: float = 0.9,
+    window_size: int = 1,
+) -> list[str]:
+    """Top-K keywords of a caption corpus by YAKE (Campos et al., Information Sciences 2020).
+
+    The captions are lower-cased (capitals in captions are mostly sentence starts, which
+    YAKE's casing feature would otherwise weigh) and joined, in the order given, into ONE
+    document, one caption a sentence (a full stop is added to a caption without final
+    punctuation). One document rather than one YAKE run per caption: YAKE's statistics
+    (term frequency, spread over sentences, relatedness to context) need many sentences, a
+    single caption gives them nothing to rank, and per-caption scores have no principled
+    aggregate. YAKE then scores every 1..``max_ngram``-gram that neither starts nor ends with
+    a word of its English stop-word list (lower score = more relevant), drops a candidate
+    whose ``seqm`` similarity to a better one exceeds ``dedup_lim``, and the ``top_k`` best
+    are kept (repeats after lower-casing dropped). YAKE is deterministic: the same captions
+    in the same order give the same list (its position feature makes the order matter a
+    little).
+
+    Args:
+        captions: the paired captions.
+        top_k: vocabulary size (>= 1).
+        max_ngram: longest keyword in words (YAKE's ``n``; 2 fits class-like phrases such as
+            "baseball field" and "storage tanks", 3 lets in "sparse green trees").
+        dedup_lim: YAKE's de-duplication threshold in (0, 1] (1 keeps near-repeats).
+        window_size: YAKE's co-occurrence window (words).
+
+    Returns:
+        Up to ``top_k`` keywords, best YAKE score first.
+
+    Raises:
+        ValueError: an option out of range, no non-empty caption, or YAKE found no keyword.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if max_ngram < 1:
+        raise ValueError(f"max_ngram must be >= 1, got {max_ngram}")
+    if not 0 < dedup_lim <= 1:
+        raise ValueError(f"dedup_lim must be in (0, 1], got {dedup_lim}")
+    texts = [" ".join(c.split()).lower() for c in captions if c and c.strip()]
+    if not texts:
+        raise ValueError(
+            "no caption to mine keywords from (all are empty): YAKE needs the paired captions"
+        )
+    import yake
+
+    document = "\n".join(t if t[-1] in ".!?" else f"{t} ." for t in texts)
+    extractor = yake.KeywordExtractor(
+        lan="en", n=max_ngram, dedup_lim=dedup_lim, window_size=window_size, top=top_k
+    )
+    best: dict[str, float] = {}
+    for keyword, score in extractor.extract_keywords(document):
+        best.setdefault(" ".join(keyword.lower().split()), float(score))
+    if not best:
+        raise ValueError(
+            f"YAKE found no keyword in {len(texts)} captions (only stop words or punctuation?)"
+        )
+    ranked = list(best.items())[:top_k]
+    _report(
+        f"{len(ranked)} mined by YAKE (n <= {max_ngram}) from {len(texts)} captions; "
+        "top (score, lower is better)",
+        [(w, f"{s:.2g}") for w, s in ranked],
+    )
+    return [w for w, _ in ranked]
+
+
+def _report(what: str, ranked: Sequence[tuple[str, Any]], shown: int = 10) -> None:
+    """Log and print one line: ``keywords: <what>: k1 (v1), k2 (v2), ...``."""
+    top = ", ".join(f"{w} ({v})" for w, v in ranked[:shown])
+    line = f"keywords: {what}: {top}"
+    log.info(line)
+    print(line)
 
 
 class KeywordMatcher:
