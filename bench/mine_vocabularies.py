@@ -70,7 +70,7 @@ def run(captions: Sequence[Sequence[str]], num_keywords: int) -> tuple[list[Row]
     import spacy  # noqa: F401 - imported before the clocks start
     import yake  # noqa: F401
 
-    from sclip_lightning.data.concepts import ConceptMiner, build_noun_tagger
+    from sclip_lightning.concepts import ConceptMiner, build_noun_tagger
     from sclip_lightning.data.keywords import KeywordMatcher, mine_keywords, mine_keywords_yake
 
     tagger = build_noun_tagger("auto", "en_core_web_sm").name

@@ -11,7 +11,7 @@ import spacy.util
 import torch
 from semiclip_reference import OOD_NOUNS, concept_multi_hot, mine_concepts
 
-from sclip_lightning.data.concepts import (
+from sclip_lightning.concepts import (
     RELEASE_GENERIC_NOUNS,
     ConceptMiner,
     Concepts,
@@ -222,7 +222,7 @@ def test_released_rules_and_config_round_trip():
     assert (m.min_images, m.min_length, m.max_fraction) == (2, 3, 0.3)
     assert m.stop_nouns == list(RELEASE_GENERIC_NOUNS)
     cfg = m.config()
-    assert cfg["class_path"] == "sclip_lightning.data.concepts.ConceptMiner"
+    assert cfg["class_path"] == "sclip_lightning.concepts.ConceptMiner"
     assert cfg["init_args"]["fraction_of"] == "vocabulary"
     assert build_component(cfg, Component).init_args == m.init_args
 
