@@ -7,6 +7,7 @@ outputs the tower-output cache computed for it (:class:`TowerOutputs`), never bo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,8 @@ from sclip_lightning.data.sampling import seeded
 from sclip_lightning.data.shards import is_paired
 from sclip_lightning.data.tower_cache import TowerOutputs
 from sclip_lightning.losses.component import check_choice
+
+log = logging.getLogger(__name__)
 
 #: retrieval evaluation: every caption of an image (standard) or one drawn per image (release)
 RetrievalProtocol = Literal["all", "one"]
@@ -134,6 +137,38 @@ class UnpairedTrainSet(_SeededSubset):
         if self.hidden_labels:
             out["label"] = item["label"]
         return out
+
+
+def check_batches(
+    n_paired: int,
+    batch_size: int,
+    n_unpaired: int | None,
+    unpaired_batch_size: int,
+    combined_mode: str,
+) -> None:
+    """ValueError when the pairs or the unpaired images (``n_unpaired``; None when they are
+    not loaded or streamed) fill less than one batch; a warning when the unpaired loader has
+    fewer batches than the paired one and ``min_size`` would end each epoch early."""
+    if n_paired < batch_size:
+        raise ValueError(
+            f"only {n_paired} paired images for batch_size={batch_size}: lower the "
+            "batch size or raise label_ratio"
+        )
+    if n_unpaired is None:
+        return
+    if n_unpaired < unpaired_batch_size:
+        raise ValueError(
+            f"the unpaired set has {n_unpaired} images, fewer than one batch "
+            f"(unpaired_batch_size={unpaired_batch_size}); lower the batch size, "
+            "lower label_ratio, or add unpaired images"
+        )
+    n_p, n_u = n_paired // batch_size, n_unpaired // unpaired_batch_size
+    if combined_mode == "min_size" and n_u < n_p:
+        log.warning(
+            "the unpaired loader has %d batches, fewer than the paired loader's %d: with "
+            "combined_mode='min_size' an epoch ends after %d steps (use "
+            "'max_size_cycle' to cycle the unpaired images)", n_u, n_p, n_u,
+        )  # fmt: skip
 
 
 class KeyedSet(Dataset):

@@ -387,7 +387,25 @@ class ShardLoader(DataLoader):
         self._resume = (int(state["epoch"]), int(state["consumed_batches"]))
 
 
-def check_streamed(hidden_labels: bool, combined_mode: str) -> None:
+def stream_loader(
+    stream: ShardStream,
+    batches_per_epoch: int,
+    progress: Callable[[], tuple[int, int]],
+    num_workers: int,
+    resume: dict[str, int] | None = None,
+) -> ShardLoader:
+    """The training loader of ``stream`` (workers not persistent: each epoch sends its
+    position), starting at ``resume`` (a loader state) when given."""
+    loader = ShardLoader(
+        stream, batches_per_epoch, progress, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
+    if resume is not None:
+        loader.load_state_dict(resume)
+    return loader
+
+
+def check_streamed(hidden_labels: bool, combined_mode: str, images_cached: bool = False) -> None:
     """ValueError for settings that streamed unpaired images cannot honour."""
     if hidden_labels:
         raise ValueError("hidden_labels is not available for unpaired images from shards")
@@ -395,4 +413,9 @@ def check_streamed(hidden_labels: bool, combined_mode: str) -> None:
         raise ValueError(
             "unpaired images streamed from shards are drawn alongside the paired loader: "
             "use combined_mode='min_size' (an epoch is one pass over the pairs)"
+        )
+    if images_cached:
+        raise ValueError(
+            "the image tower-output cache reads every image once up front; unpaired "
+            "images streamed from shards are not cached: use tower_cache: text"
         )
