@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from sclip_lightning.data import registry
+from sclip_lightning.data.augment import build_strong_transform
 from sclip_lightning.data.datasets import (
     PairedTrainSet,
     RetrievalProtocol,
@@ -30,7 +31,7 @@ from sclip_lightning.data.sampling import ResumableLoader, eval_loader, training
 from sclip_lightning.data.shards import ShardStream, check_streamed, stream_loader
 from sclip_lightning.data.tower_cache import Pass, TowerOutputCache, TowerOutputs
 from sclip_lightning.evaluation import EvalSpec
-from sclip_lightning.interfaces import DataConsumer, TrainInfo
+from sclip_lightning.interfaces import TrainInfo
 from sclip_lightning.losses.component import check_choice
 from sclip_lightning.models import build_tokenizer, build_transforms
 
@@ -82,7 +83,9 @@ class SCLIPDataModule(L.LightningDataModule):
         templates: zero-shot prompt templates (``{}`` = class name); default per source.
         skip_corrupt: skip unreadable images (counted and logged) instead of raising.
         unpaired: load the unpaired stream. None: when the attached module's objective uses
-            unpaired images (not for the CLIP baseline); True / False force it.
+            unpaired images (not for the CLIP baseline); True / False force it. Their items
+            also carry a strong view, ``"image_strong"`` (:mod:`~sclip_lightning.data.augment`),
+            when the module's ``uses_strong_view`` asks (SemiCLIP's stage 2).
         augment: open_clip's random training augmentation; False trains on the evaluation
             transform (deterministic), as the module's image ``tower_cache`` needs.
         shuffle_buffer: samples in the shuffle buffer of unpaired images streamed from
@@ -233,12 +236,22 @@ class SCLIPDataModule(L.LightningDataModule):
         self.setup("fit")
         return TrainInfo(list(self.keyword_list), len(self.paired_indices))
 
+    def _module_says(self, name: str, default: bool) -> bool:
+        """The attached module's :class:`~sclip_lightning.interfaces.DataConsumer` property
+        ``name``, read on its own (``default`` without a module or without that property)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, name, default))
+
     def loads_unpaired(self) -> bool:
         """Whether the training loader carries unpaired images (see ``unpaired``)."""
         if self._hp.unpaired is not None:
             return bool(self._hp.unpaired)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return module.uses_unpaired if isinstance(module, DataConsumer) else True
+        return self._module_says("uses_unpaired", True)
+
+    def loads_strong_view(self) -> bool:
+        """Whether unpaired training items carry ``"image_strong"`` (pixels, also with the
+        image cache): when the module's ``uses_strong_view`` says so; False without one."""
+        return self._module_says("uses_strong_view", False)
 
     # ------------------------------------------------------ tower outputs
     def use_tower_outputs(
@@ -287,16 +300,20 @@ class SCLIPDataModule(L.LightningDataModule):
         return self._outputs(name, base, captions=base is self.train_base)
 
     def unpaired_train_set(self) -> UnpairedTrainSet | ShardStream:
-        hp = self._hp
+        """The unpaired training images, with their strong view when
+        :meth:`loads_strong_view`."""
+        hp, view = self._hp, self.loads_strong_view()
+        strong = build_strong_transform(hp.model_name, hp.image_size) if view else None
         if self.unpaired_shards is not None:
             shards, exclude = self.unpaired_shards
             return ShardStream(
                 shards, self.train_transform, hp.unpaired_batch_size, seed=self._seed(),
                 exclude=exclude, shuffle_buffer=hp.shuffle_buffer, skip_corrupt=hp.skip_corrupt,
+                strong=strong,
             )  # fmt: skip
         return UnpairedTrainSet(
             self.unpaired_base, self.unpaired_indices, self.train_transform, hp.hidden_labels,
-            self._unpaired_outputs(),
+            self._unpaired_outputs(), strong,
         )  # fmt: skip
 
     def train_dataloader(self) -> CombinedLoader:

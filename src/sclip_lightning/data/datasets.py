@@ -118,22 +118,31 @@ class PairedTrainSet(_SeededSubset):
 
 
 class UnpairedTrainSet(_SeededSubset):
-    """Unpaired items ``{"image", "index"}``."""
+    """Unpaired items ``{"image", "index"}``, and ``"image_strong"`` with a ``strong``
+    transform: the strong view of the same image, as pixels, drawn after the weak view under
+    the sample's seed. With cached tower outputs ``"image"`` is the cached output and the
+    strong view is read live through the base set (the record the cache read)."""
 
-    def __init__(self, base, indices, transform, hidden_labels=False, outputs=None):
+    def __init__(self, base, indices, transform, hidden_labels=False, outputs=None, strong=None):
         self.base, self.indices, self.transform = base, list(indices), transform
-        self.hidden_labels = hidden_labels
+        self.hidden_labels, self.strong = hidden_labels, strong
         self.outputs: TowerOutputs = outputs or TowerOutputs()
 
     def _get(self, i: int) -> dict[str, Any]:
         index = self.indices[i]
         if self.outputs.images is not None:
+            assert self.outputs.image_source is not None
+            source = int(self.outputs.image_source[index])
             out = {"image": self.outputs.images[index], "index": index}
             if self.hidden_labels:
-                out["label"] = _label(self.base, self.outputs, index)
+                out["label"] = self.base.labels[source]
+            if self.strong is not None:
+                out["image_strong"] = self.strong(self.base[source]["image"])
             return out
         item = self.base[index]
         out = {"image": self.transform(item["image"]), "index": index}
+        if self.strong is not None:
+            out["image_strong"] = self.strong(item["image"])
         if self.hidden_labels:
             out["label"] = item["label"]
         return out
@@ -268,11 +277,6 @@ def _source_of(base, item: dict[str, Any], index: int) -> int:
     if paths is None or "path" not in item or str(paths[index]) == item["path"]:
         return index
     return next(i for i, p in enumerate(paths) if str(p) == item["path"])
-
-
-def _label(base, outputs: TowerOutputs, index: int) -> int:
-    assert outputs.image_source is not None
-    return base.labels[int(outputs.image_source[index])]
 
 
 def collate_retrieval(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

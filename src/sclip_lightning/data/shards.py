@@ -225,7 +225,8 @@ class ShardStream(IterableDataset):
     ``batches_per_epoch`` batches (the paired loader's length).
 
     Items: ``{"image", "index", "key"}`` (``index``: position in this rank's epoch stream;
-    ``key``: the sample's key in its shard).
+    ``key``: the sample's key in its shard), and ``"image_strong"`` with a ``strong``
+    transform (drawn after ``"image"``, under the same per-sample seed).
 
     Args:
         shards: brace pattern(s) or list file(s).
@@ -236,6 +237,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples in the shuffle buffer (0: shard order).
         skip_corrupt: skip undecodable images (counted and logged, naming shard and key)
             instead of raising.
+        strong: the strong view's transform, or None.
     """
 
     def __init__(
@@ -248,10 +250,11 @@ class ShardStream(IterableDataset):
         exclude: Callable[[str], bool] | None = None,
         shuffle_buffer: int = 1000,
         skip_corrupt: bool = False,
+        strong: Transform = None,
     ) -> None:
         super().__init__()
         self.urls = expand_shards(shards)
-        self.transform, self.batch_size = transform, batch_size
+        self.transform, self.strong, self.batch_size = transform, strong, batch_size
         self.seed, self.stream, self.exclude = seed, stream, exclude
         self.shuffle_buffer, self.skip_corrupt = shuffle_buffer, skip_corrupt
         self.batches_per_epoch = 1
@@ -339,11 +342,13 @@ class ShardStream(IterableDataset):
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(seed)
                     pixels = self.transform(image) if self.transform else image
+                    views = {"image_strong": self.strong(image)} if self.strong else {}
                 index = (done // self.batch_size * workers + worker) * self.batch_size
                 yield {
                     "image": pixels,
                     "index": index + done % self.batch_size,
                     "key": sample["__key__"],
+                    **views,
                 }
             done += 1
 
