@@ -1,23 +1,27 @@
 """SemiCLIP's data needs: the strong view of unpaired images (served only when the module
-asks, repeatable per sample seed, live beside the image cache, from shards too)."""
+asks, repeatable per sample seed, live beside the image cache, from shards too), the
+``TrainInfo`` listings, and the ordered pass over the unpaired images
+(``unpaired_dataloader``)."""
 
 from __future__ import annotations
 
 import contextlib
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from fixtures import _image, write_shards
+from fixtures import CLASSES, WORDS, _image, write_rsicd, write_shards
 
 from sclip_lightning import SCLIPDataModule
+from sclip_lightning.data import split_labeled
 from sclip_lightning.data.augment import build_strong_transform
 from sclip_lightning.data.datasets import UnpairedTrainSet
 from sclip_lightning.data.images import load_image
 from sclip_lightning.data.shards import ShardLoader, ShardStream
-from sclip_lightning.interfaces import DataConsumer
+from sclip_lightning.interfaces import DataConsumer, UnpairedData
 
 
 def _attach(dm: SCLIPDataModule, **says: bool) -> SCLIPDataModule:
@@ -136,3 +140,66 @@ def test_strong_view_from_shards(tmp_path):
         assert a["image_strong"].shape == (5, 3, 32, 32)
         assert torch.equal(a["image_strong"], b["image_strong"]) and a["key"] == c["key"]
         assert torch.equal(a["image"], c["image"]) and "image_strong" not in c
+
+
+def _rsicd_dm(root: Path, **kw) -> SCLIPDataModule:
+    args = dict(dataset="rsicd", root=str(root), label_ratio=0.25, split_seed=0, num_workers=0)
+    return SCLIPDataModule(keywords="mine", num_keywords=4, eval_batch_size=4, **(args | kw))
+
+
+def test_train_info_lists_the_pairs_captions_and_the_unpaired_images(tmp_path):
+    root = write_rsicd(tmp_path / "rsicd")  # train images 0..23, class CLASSES[k % 4]
+    paired, rest = split_labeled(24, 0.25, 0)
+    info = _rsicd_dm(root).train_info()
+    assert info.num_paired == len(paired) == 6
+    assert info.paired_captions == [
+        [f"many buildings near the {WORDS[CLASSES[k % 4]]} number {j}" for j in range(5)]
+        for k in paired
+    ]
+    assert info.unpaired_index == rest
+    assert info.unpaired_keys == [
+        str(root / "RSICD_images" / f"{CLASSES[k % 4].lower()}_{k}.jpg") for k in rest
+    ]
+    folder = tmp_path / "unpaired"
+    for k in (2, 0, 1):
+        _image(folder / f"u{k}.png", k)
+    info = _rsicd_dm(root, unpaired_dataset="image_folder", unpaired_root=str(folder)).train_info()
+    assert info.unpaired_index == [0, 1, 2]
+    assert info.unpaired_keys == [str(folder / f"u{k}.png") for k in range(3)]
+
+
+def test_unpaired_dataloader_lists_every_unpaired_image_once_in_order(tmp_path):
+    root = write_rsicd(tmp_path / "rsicd")
+    dm = _rsicd_dm(root)
+    assert isinstance(dm, UnpairedData)
+    info = dm.train_info()
+    batches = list(dm.unpaired_dataloader())
+    assert [len(b["index"]) for b in batches] == [4, 4, 4, 4, 2]  # 18 images, last batch kept
+    assert set(batches[0]) == {"image", "index"}
+    assert torch.cat([b["index"] for b in batches]).tolist() == info.unpaired_index
+    pixels = torch.cat([b["image"] for b in batches])
+    want = torch.stack([dm.eval_transform(load_image(k)) for k in info.unpaired_keys])
+    assert torch.equal(pixels, want)
+    train = [torch.cat([b["image"] for b in dm.unpaired_dataloader(True)]) for _ in range(2)]
+    assert torch.equal(train[0], train[1])  # each crop seeded by its position
+    assert not torch.equal(train[0], pixels)
+
+
+def test_unpaired_dataloader_with_the_image_cache_and_for_shards(tmp_path):
+    root = write_rsicd(tmp_path / "rsicd")
+    dm = _rsicd_dm(root, augment=False)
+    dm.use_tower_outputs(image_pass=_mean_pass)
+    info = dm.train_info()
+    for train_view in (False, True):  # the cache holds one view: train_view changes nothing
+        batches = list(dm.unpaired_dataloader(train_view))
+        assert torch.cat([b["index"] for b in batches]).tolist() == info.unpaired_index
+        rows = torch.cat([b["image"] for b in batches])
+        want = torch.stack(
+            [dm.eval_transform(load_image(k)).mean((1, 2)) for k in info.unpaired_keys]
+        )
+        torch.testing.assert_close(rows, want)
+    shards = write_shards(tmp_path / "s", shards=2, per_shard=6)
+    streamed = SCLIPDataModule(dataset="webdataset", root=shards, label_ratio=0.5, num_workers=0)
+    with pytest.raises(ValueError, match="shards have no fixed order"):
+        streamed.unpaired_dataloader()
+    assert streamed.train_info().unpaired_index == streamed.train_info().unpaired_keys == []

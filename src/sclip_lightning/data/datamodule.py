@@ -18,7 +18,9 @@ from sclip_lightning.data.datasets import (
     RetrievalProtocol,
     UnpairedTrainSet,
     check_batches,
+    listing_loader,
     training_split,
+    unpaired_keys,
 )
 from sclip_lightning.data.eval_sets import Kind, eval_loaders, predict_set
 from sclip_lightning.data.keywords import (
@@ -231,10 +233,15 @@ class SCLIPDataModule(L.LightningDataModule):
         return training_position(self.trainer)
 
     def train_info(self) -> TrainInfo:
-        """What the module takes from the training data: the keyword vocabulary (resolved:
-        a file, the source's own list, or mined) and the number of pairs. Sets up "fit"."""
+        """What the module takes from the training data (:class:`TrainInfo`; no unpaired
+        indices or keys for shards). Sets up "fit"."""
         self.setup("fit")
-        return TrainInfo(list(self.keyword_list), len(self.paired_indices))
+        rest = self.unpaired_indices
+        return TrainInfo(
+            list(self.keyword_list), len(self.paired_indices),
+            [list(self.train_base.captions[i]) for i in self.paired_indices],
+            list(rest), unpaired_keys(self.unpaired_base, rest),
+        )  # fmt: skip
 
     def _module_says(self, name: str, default: bool) -> bool:
         """The attached module's :class:`~sclip_lightning.interfaces.DataConsumer` property
@@ -315,6 +322,24 @@ class SCLIPDataModule(L.LightningDataModule):
             self.unpaired_base, self.unpaired_indices, self.train_transform, hp.hidden_labels,
             self._unpaired_outputs(), strong,
         )  # fmt: skip
+
+    def unpaired_dataloader(self, train_view: bool = False) -> DataLoader:
+        """:class:`~sclip_lightning.interfaces.UnpairedData`: batches of ``eval_batch_size``.
+        ``image``: evaluation-transform pixels, training-transform ones with ``train_view``
+        (each crop seeded by ``order_seed`` and the position: the same at every call), or the
+        cached tower outputs with the image cache (``train_view`` then changes nothing: the
+        cache holds the one deterministic view). ValueError for shards."""
+        self.setup("fit")
+        if self.unpaired_shards is not None:
+            raise ValueError(
+                "unpaired images streamed from WebDataset shards have no fixed order to list "
+                "once; use an indexed unpaired source (e.g. image_folder) for this"
+            )
+        hp, transform = self._hp, self.train_transform if train_view else self.eval_transform
+        data = UnpairedTrainSet(
+            self.unpaired_base, self.unpaired_indices, transform, False, self._unpaired_outputs()
+        )
+        return listing_loader(data, self._seed(), hp.eval_batch_size, hp.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         hp: Any = self.hparams

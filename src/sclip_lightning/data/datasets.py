@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sclip_lightning.data import registry
-from sclip_lightning.data.sampling import seeded
+from sclip_lightning.data.sampling import eval_loader, mix_seed, seeded
 from sclip_lightning.data.shards import is_paired
 from sclip_lightning.data.tower_cache import TowerOutputs
 from sclip_lightning.losses.component import check_choice
@@ -178,6 +178,20 @@ def check_batches(
             "combined_mode='min_size' an epoch ends after %d steps (use "
             "'max_size_cycle' to cycle the unpaired images)", n_u, n_p, n_u,
         )  # fmt: skip
+
+
+def unpaired_keys(base: Any, indices: list[int]) -> list[str]:
+    """A stable key of each of the images ``indices`` of ``base``: its path (its index, as a
+    string, for a custom source without ``paths``)."""
+    paths = getattr(base, "paths", None)
+    return [str(paths[i]) if paths is not None else str(i) for i in indices]
+
+
+def listing_loader(data: UnpairedTrainSet, seed: int, batch_size: int, num_workers: int) -> Any:
+    """Every item of ``data`` once, in order, the last batch kept: item ``i`` is drawn under
+    its own seed of (``seed``, ``i``), so a random transform gives the same view every time."""
+    keys = [(i, mix_seed(seed, 2, i)) for i in range(len(data))]
+    return eval_loader(data, batch_size, num_workers, sampler=keys)
 
 
 class KeyedSet(Dataset):
