@@ -12,14 +12,17 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from sclip_lightning.data import registry
+from sclip_lightning.data.augment import build_strong_transform
 from sclip_lightning.data.datasets import (
-    KeyedSet,
     PairedTrainSet,
     RetrievalProtocol,
     UnpairedTrainSet,
+    check_batches,
+    listing_loader,
     training_split,
+    unpaired_keys,
 )
-from sclip_lightning.data.eval_sets import Kind, build_eval_sets, eval_entries, predict_classes
+from sclip_lightning.data.eval_sets import Kind, eval_loaders, predict_set
 from sclip_lightning.data.keywords import (
     KeywordMatcher,
     KeywordMatching,
@@ -27,10 +30,10 @@ from sclip_lightning.data.keywords import (
     resolve_keywords,
 )
 from sclip_lightning.data.sampling import ResumableLoader, eval_loader, training_position
-from sclip_lightning.data.shards import ShardLoader, ShardStream, check_streamed
+from sclip_lightning.data.shards import ShardStream, check_streamed, stream_loader
 from sclip_lightning.data.tower_cache import Pass, TowerOutputCache, TowerOutputs
 from sclip_lightning.evaluation import EvalSpec
-from sclip_lightning.interfaces import DataConsumer, TrainInfo
+from sclip_lightning.interfaces import TrainInfo
 from sclip_lightning.losses.component import check_choice
 from sclip_lightning.models import build_tokenizer, build_transforms
 
@@ -82,7 +85,9 @@ class SCLIPDataModule(L.LightningDataModule):
         templates: zero-shot prompt templates (``{}`` = class name); default per source.
         skip_corrupt: skip unreadable images (counted and logged) instead of raising.
         unpaired: load the unpaired stream. None: when the attached module's objective uses
-            unpaired images (not for the CLIP baseline); True / False force it.
+            unpaired images (not for the CLIP baseline); True / False force it. Their items
+            also carry a strong view, ``"image_strong"`` (:mod:`~sclip_lightning.data.augment`),
+            when the module's ``uses_strong_view`` asks (SemiCLIP's stage 2).
         augment: open_clip's random training augmentation; False trains on the evaluation
             transform (deterministic), as the module's image ``tower_cache`` needs.
         shuffle_buffer: samples in the shuffle buffer of unpaired images streamed from
@@ -200,9 +205,9 @@ class SCLIPDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ loaders
     def _train_loader(self, ds: Dataset, batch_size: int, stream: int) -> ResumableLoader:
-        nw, seed = self._hp.num_workers, self._hp.order_seed
+        nw = self._hp.num_workers
         loader = ResumableLoader(
-            ds, batch_size, seed=torch.initial_seed() if seed is None else seed, stream=stream,
+            ds, batch_size, seed=self._seed(), stream=stream,
             progress=self._progress, num_workers=nw, persistent_workers=nw > 0,
             pin_memory=torch.cuda.is_available(),
         )  # fmt: skip
@@ -228,17 +233,32 @@ class SCLIPDataModule(L.LightningDataModule):
         return training_position(self.trainer)
 
     def train_info(self) -> TrainInfo:
-        """What the module takes from the training data: the keyword vocabulary (resolved:
-        a file, the source's own list, or mined) and the number of pairs. Sets up "fit"."""
+        """What the module takes from the training data (:class:`TrainInfo`; no unpaired
+        indices or keys for shards). Sets up "fit"."""
         self.setup("fit")
-        return TrainInfo(list(self.keyword_list), len(self.paired_indices))
+        rest = self.unpaired_indices
+        return TrainInfo(
+            list(self.keyword_list), len(self.paired_indices),
+            [list(self.train_base.captions[i]) for i in self.paired_indices],
+            list(rest), unpaired_keys(self.unpaired_base, rest),
+        )  # fmt: skip
+
+    def _module_says(self, name: str, default: bool) -> bool:
+        """The attached module's :class:`~sclip_lightning.interfaces.DataConsumer` property
+        ``name``, read on its own (``default`` without a module or without that property)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, name, default))
 
     def loads_unpaired(self) -> bool:
         """Whether the training loader carries unpaired images (see ``unpaired``)."""
         if self._hp.unpaired is not None:
             return bool(self._hp.unpaired)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return module.uses_unpaired if isinstance(module, DataConsumer) else True
+        return self._module_says("uses_unpaired", True)
+
+    def loads_strong_view(self) -> bool:
+        """Whether unpaired training items carry ``"image_strong"`` (pixels, also with the
+        image cache): when the module's ``uses_strong_view`` says so; False without one."""
+        return self._module_says("uses_strong_view", False)
 
     # ------------------------------------------------------ tower outputs
     def use_tower_outputs(
@@ -278,89 +298,73 @@ class SCLIPDataModule(L.LightningDataModule):
             self.caption_keywords,
         )  # fmt: skip
 
+    def _seed(self) -> int:
+        return torch.initial_seed() if self._hp.order_seed is None else self._hp.order_seed
+
+    def _unpaired_outputs(self) -> TowerOutputs | None:
+        hp, base, u = self._hp, self.unpaired_base, self._hp.unpaired_dataset
+        name = f"{hp.dataset}/train" if u is None else f"{u}/unpaired"
+        return self._outputs(name, base, captions=base is self.train_base)
+
     def unpaired_train_set(self) -> UnpairedTrainSet | ShardStream:
-        hp = self._hp
+        """The unpaired training images, with their strong view when
+        :meth:`loads_strong_view`."""
+        hp, view = self._hp, self.loads_strong_view()
+        strong = build_strong_transform(hp.model_name, hp.image_size) if view else None
         if self.unpaired_shards is not None:
             shards, exclude = self.unpaired_shards
-            seed = torch.initial_seed() if hp.order_seed is None else hp.order_seed
             return ShardStream(
-                shards, self.train_transform, hp.unpaired_batch_size, seed=seed, exclude=exclude,
-                shuffle_buffer=hp.shuffle_buffer, skip_corrupt=hp.skip_corrupt,
+                shards, self.train_transform, hp.unpaired_batch_size, seed=self._seed(),
+                exclude=exclude, shuffle_buffer=hp.shuffle_buffer, skip_corrupt=hp.skip_corrupt,
+                strong=strong,
             )  # fmt: skip
-        base = self.unpaired_base
-        name = (
-            f"{hp.dataset}/train"
-            if hp.unpaired_dataset is None
-            else f"{hp.unpaired_dataset}/unpaired"
-        )
-        outputs = self._outputs(name, base, captions=base is self.train_base)
         return UnpairedTrainSet(
-            base, self.unpaired_indices, self.train_transform, hp.hidden_labels, outputs
+            self.unpaired_base, self.unpaired_indices, self.train_transform, hp.hidden_labels,
+            self._unpaired_outputs(), strong,
+        )  # fmt: skip
+
+    def unpaired_dataloader(self, train_view: bool = False) -> DataLoader:
+        """:class:`~sclip_lightning.interfaces.UnpairedData`: batches of ``eval_batch_size``.
+        ``image``: evaluation-transform pixels, training-transform ones with ``train_view``
+        (each crop seeded by ``order_seed`` and the position: the same at every call), or the
+        cached tower outputs with the image cache (``train_view`` then changes nothing: the
+        cache holds the one deterministic view). ValueError for shards."""
+        self.setup("fit")
+        if self.unpaired_shards is not None:
+            raise ValueError(
+                "unpaired images streamed from WebDataset shards have no fixed order to list "
+                "once; use an indexed unpaired source (e.g. image_folder) for this"
+            )
+        hp, transform = self._hp, self.train_transform if train_view else self.eval_transform
+        data = UnpairedTrainSet(
+            self.unpaired_base, self.unpaired_indices, transform, False, self._unpaired_outputs()
         )
+        return listing_loader(data, self._seed(), hp.eval_batch_size, hp.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         hp: Any = self.hparams
         paired = self.paired_train_set()
-        if len(paired) < hp.batch_size:
-            raise ValueError(
-                f"only {len(paired)} paired images for batch_size={hp.batch_size}: lower the "
-                "batch size or raise label_ratio"
-            )
+        unpaired = self.unpaired_train_set() if self.loads_unpaired() else None
+        n_u = len(unpaired) if isinstance(unpaired, UnpairedTrainSet) else None
+        check_batches(len(paired), hp.batch_size, n_u, hp.unpaired_batch_size, hp.combined_mode)
         loaders: dict[str, DataLoader] = {"paired": self._train_loader(paired, hp.batch_size, 0)}
-        if self.loads_unpaired() and self.unpaired_shards is not None:
-            if self.tower_outputs is not None and self.tower_outputs.image_pass is not None:
-                raise ValueError(
-                    "the image tower-output cache reads every image once up front; unpaired "
-                    "images streamed from shards are not cached: use tower_cache: text"
-                )
-            stream = self.unpaired_train_set()
-            assert isinstance(stream, ShardStream)
-            loaders["unpaired"] = shards = ShardLoader(
-                stream,
-                len(loaders["paired"]),
-                self._progress,
-                num_workers=hp.num_workers,  # not persistent: each epoch sends its position
-                pin_memory=torch.cuda.is_available(),
-            )
-            if self._resume_position is not None:
-                shards.load_state_dict(self._resume_position)
-        elif self.loads_unpaired():
-            unpaired = self.unpaired_train_set()
-            assert isinstance(unpaired, UnpairedTrainSet)
-            if len(unpaired) < hp.unpaired_batch_size:
-                raise ValueError(
-                    f"the unpaired set has {len(unpaired)} images, fewer than one batch "
-                    f"(unpaired_batch_size={hp.unpaired_batch_size}); lower the batch size, "
-                    "lower label_ratio, or add unpaired images"
-                )
+        if isinstance(unpaired, ShardStream):
+            cached = self.tower_outputs is not None and self.tower_outputs.image_pass is not None
+            check_streamed(hp.hidden_labels, hp.combined_mode, images_cached=cached)
+            loaders["unpaired"] = stream_loader(
+                unpaired, len(loaders["paired"]), self._progress, hp.num_workers,
+                self._resume_position,
+            )  # fmt: skip
+        elif unpaired is not None:
             loaders["unpaired"] = self._train_loader(unpaired, hp.unpaired_batch_size, 1)
-            n_p, n_u = len(paired) // hp.batch_size, len(unpaired) // hp.unpaired_batch_size
-            if hp.combined_mode == "min_size" and n_u < n_p:
-                log.warning(
-                    "the unpaired loader has %d batches, fewer than the paired loader's %d: with "
-                    "combined_mode='min_size' an epoch ends after %d steps (use "
-                    "'max_size_cycle' to cycle the unpaired images)", n_u, n_p, n_u,
-                )  # fmt: skip
         self._resume_position = None  # applied once
         return CombinedLoader(loaders, mode=hp.combined_mode)
 
     def _eval(self, split: str, kinds: tuple[Kind, ...]) -> tuple[list[DataLoader], list[EvalSpec]]:
-        hp = self._hp
-        loaders, specs = [], []
-        for kind in kinds:
-            given = hp.zeroshot if kind == "zeroshot" else hp.retrieval
-            entries = eval_entries(given, kind, hp.dataset, hp.root)
-            for es in build_eval_sets(
-                entries, kind, split, self.eval_transform, self.tokenizer, self._outputs,
-                hp.templates, hp.retrieval_protocol, self._source_kwargs,
-            ):  # fmt: skip
-                loaders.append(
-                    eval_loader(
-                        es.dataset, hp.eval_batch_size, hp.num_workers, collate_fn=es.collate_fn
-                    )
-                )
-                specs.append(es.spec)
-        return loaders, specs
+        return eval_loaders(
+            self._hp, split, kinds, self.eval_transform, self.tokenizer, self._outputs,
+            self._source_kwargs,
+        )  # fmt: skip
 
     def val_dataloader(self) -> list[DataLoader]:
         loaders, self._specs["val"] = self._eval(self._hp.val_split, ("retrieval",))
@@ -372,17 +376,7 @@ class SCLIPDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         hp = self._hp
-        if hp.predict_root is None:
-            raise ValueError("predict needs data.predict_root: a folder of images to label")
-        from sclip_lightning.data.generic import ImageFolderUnpaired
-
-        base = ImageFolderUnpaired(hp.predict_root, skip_corrupt=hp.skip_corrupt)
-        self._predict_paths = [str(p) for p in base.paths]
-        classes, templates = predict_classes(
-            hp.predict_classes, hp.templates, hp.zeroshot, hp.dataset, hp.root, hp.test_split
-        )
-        self._predict_spec = EvalSpec(str(hp.predict_root), "predict", classes, list(templates))
-        keyed = KeyedSet(base, self.eval_transform, ("path",))
+        keyed, self._predict_spec, self._predict_paths = predict_set(hp, self.eval_transform)
         return eval_loader(keyed, hp.eval_batch_size, hp.num_workers)
 
     def eval_specs(self, stage: str) -> list[EvalSpec]:

@@ -7,6 +7,7 @@ outputs the tower-output cache computed for it (:class:`TowerOutputs`), never bo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,10 +17,12 @@ import torch
 from torch.utils.data import Dataset
 
 from sclip_lightning.data import registry
-from sclip_lightning.data.sampling import seeded
+from sclip_lightning.data.sampling import eval_loader, mix_seed, seeded
 from sclip_lightning.data.shards import is_paired
 from sclip_lightning.data.tower_cache import TowerOutputs
 from sclip_lightning.losses.component import check_choice
+
+log = logging.getLogger(__name__)
 
 #: retrieval evaluation: every caption of an image (standard) or one drawn per image (release)
 RetrievalProtocol = Literal["all", "one"]
@@ -115,25 +118,80 @@ class PairedTrainSet(_SeededSubset):
 
 
 class UnpairedTrainSet(_SeededSubset):
-    """Unpaired items ``{"image", "index"}``."""
+    """Unpaired items ``{"image", "index"}``, and ``"image_strong"`` with a ``strong``
+    transform: the strong view of the same image, as pixels, drawn after the weak view under
+    the sample's seed. With cached tower outputs ``"image"`` is the cached output and the
+    strong view is read live through the base set (the record the cache read)."""
 
-    def __init__(self, base, indices, transform, hidden_labels=False, outputs=None):
+    def __init__(self, base, indices, transform, hidden_labels=False, outputs=None, strong=None):
         self.base, self.indices, self.transform = base, list(indices), transform
-        self.hidden_labels = hidden_labels
+        self.hidden_labels, self.strong = hidden_labels, strong
         self.outputs: TowerOutputs = outputs or TowerOutputs()
 
     def _get(self, i: int) -> dict[str, Any]:
         index = self.indices[i]
         if self.outputs.images is not None:
+            assert self.outputs.image_source is not None
+            source = int(self.outputs.image_source[index])
             out = {"image": self.outputs.images[index], "index": index}
             if self.hidden_labels:
-                out["label"] = _label(self.base, self.outputs, index)
+                out["label"] = self.base.labels[source]
+            if self.strong is not None:
+                out["image_strong"] = self.strong(self.base[source]["image"])
             return out
         item = self.base[index]
         out = {"image": self.transform(item["image"]), "index": index}
+        if self.strong is not None:
+            out["image_strong"] = self.strong(item["image"])
         if self.hidden_labels:
             out["label"] = item["label"]
         return out
+
+
+def check_batches(
+    n_paired: int,
+    batch_size: int,
+    n_unpaired: int | None,
+    unpaired_batch_size: int,
+    combined_mode: str,
+) -> None:
+    """ValueError when the pairs or the unpaired images (``n_unpaired``; None when they are
+    not loaded or streamed) fill less than one batch; a warning when the unpaired loader has
+    fewer batches than the paired one and ``min_size`` would end each epoch early."""
+    if n_paired < batch_size:
+        raise ValueError(
+            f"only {n_paired} paired images for batch_size={batch_size}: lower the "
+            "batch size or raise label_ratio"
+        )
+    if n_unpaired is None:
+        return
+    if n_unpaired < unpaired_batch_size:
+        raise ValueError(
+            f"the unpaired set has {n_unpaired} images, fewer than one batch "
+            f"(unpaired_batch_size={unpaired_batch_size}); lower the batch size, "
+            "lower label_ratio, or add unpaired images"
+        )
+    n_p, n_u = n_paired // batch_size, n_unpaired // unpaired_batch_size
+    if combined_mode == "min_size" and n_u < n_p:
+        log.warning(
+            "the unpaired loader has %d batches, fewer than the paired loader's %d: with "
+            "combined_mode='min_size' an epoch ends after %d steps (use "
+            "'max_size_cycle' to cycle the unpaired images)", n_u, n_p, n_u,
+        )  # fmt: skip
+
+
+def unpaired_keys(base: Any, indices: list[int]) -> list[str]:
+    """A stable key of each of the images ``indices`` of ``base``: its path (its index, as a
+    string, for a custom source without ``paths``)."""
+    paths = getattr(base, "paths", None)
+    return [str(paths[i]) if paths is not None else str(i) for i in indices]
+
+
+def listing_loader(data: UnpairedTrainSet, seed: int, batch_size: int, num_workers: int) -> Any:
+    """Every item of ``data`` once, in order, the last batch kept: item ``i`` is drawn under
+    its own seed of (``seed``, ``i``), so a random transform gives the same view every time."""
+    keys = [(i, mix_seed(seed, 2, i)) for i in range(len(data))]
+    return eval_loader(data, batch_size, num_workers, sampler=keys)
 
 
 class KeyedSet(Dataset):
@@ -233,11 +291,6 @@ def _source_of(base, item: dict[str, Any], index: int) -> int:
     if paths is None or "path" not in item or str(paths[index]) == item["path"]:
         return index
     return next(i for i, p in enumerate(paths) if str(p) == item["path"])
-
-
-def _label(base, outputs: TowerOutputs, index: int) -> int:
-    assert outputs.image_source is not None
-    return base.labels[int(outputs.image_source[index])]
 
 
 def collate_retrieval(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

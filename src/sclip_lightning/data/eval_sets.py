@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from sclip_lightning.data import registry
 from sclip_lightning.data.datasets import (
@@ -17,6 +17,7 @@ from sclip_lightning.data.datasets import (
     RetrievalSet,
     collate_retrieval,
 )
+from sclip_lightning.data.sampling import eval_loader
 from sclip_lightning.evaluation import EvalSpec
 
 Kind = Literal["zeroshot", "retrieval"]
@@ -94,6 +95,31 @@ def build_eval_sets(
     return sets
 
 
+def eval_loaders(
+    hp: Any,
+    split: str,
+    kinds: tuple[Kind, ...],
+    transform: Callable,
+    tokenizer: Callable,
+    outputs: Callable[[str, Any, bool], Any],
+    source_kwargs: Callable[[str], dict[str, Any]],
+) -> tuple[list[DataLoader], list[EvalSpec]]:
+    """The in-order loaders of every evaluation set of ``kinds`` for ``split`` and their
+    specs, from a data module's hyperparameters ``hp`` (see :func:`build_eval_sets`)."""
+    loaders, specs = [], []
+    for kind in kinds:
+        given = hp.zeroshot if kind == "zeroshot" else hp.retrieval
+        entries = eval_entries(given, kind, hp.dataset, hp.root)
+        for es in build_eval_sets(
+            entries, kind, split, transform, tokenizer, outputs, hp.templates,
+            hp.retrieval_protocol, source_kwargs,
+        ):  # fmt: skip
+            batch, workers = hp.eval_batch_size, hp.num_workers
+            loaders.append(eval_loader(es.dataset, batch, workers, collate_fn=es.collate_fn))
+            specs.append(es.spec)
+    return loaders, specs
+
+
 def predict_classes(
     given: list[str] | None,
     templates: list[str] | None,
@@ -112,3 +138,19 @@ def predict_classes(
     name, _, where = entries[0]
     classes = list(registry.build_classes(name, where, split).classes)
     return classes, list(templates or registry.get_source(name).templates)
+
+
+def predict_set(hp: Any, transform: Callable) -> tuple[KeyedSet, EvalSpec, list[str]]:
+    """``predict``'s data set (``{"image", "index", "path"}`` of every image under
+    ``hp.predict_root``, any depth), its spec (:func:`predict_classes`) and its image paths,
+    from a data module's hyperparameters ``hp``."""
+    if hp.predict_root is None:
+        raise ValueError("predict needs data.predict_root: a folder of images to label")
+    from sclip_lightning.data.generic import ImageFolderUnpaired
+
+    base = ImageFolderUnpaired(hp.predict_root, skip_corrupt=hp.skip_corrupt)
+    classes, templates = predict_classes(
+        hp.predict_classes, hp.templates, hp.zeroshot, hp.dataset, hp.root, hp.test_split
+    )
+    spec = EvalSpec(str(hp.predict_root), "predict", classes, list(templates))
+    return KeyedSet(base, transform, ("path",)), spec, [str(p) for p in base.paths]

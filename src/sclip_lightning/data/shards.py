@@ -225,7 +225,8 @@ class ShardStream(IterableDataset):
     ``batches_per_epoch`` batches (the paired loader's length).
 
     Items: ``{"image", "index", "key"}`` (``index``: position in this rank's epoch stream;
-    ``key``: the sample's key in its shard).
+    ``key``: the sample's key in its shard), and ``"image_strong"`` with a ``strong``
+    transform (drawn after ``"image"``, under the same per-sample seed).
 
     Args:
         shards: brace pattern(s) or list file(s).
@@ -236,6 +237,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples in the shuffle buffer (0: shard order).
         skip_corrupt: skip undecodable images (counted and logged, naming shard and key)
             instead of raising.
+        strong: the strong view's transform, or None.
     """
 
     def __init__(
@@ -248,10 +250,11 @@ class ShardStream(IterableDataset):
         exclude: Callable[[str], bool] | None = None,
         shuffle_buffer: int = 1000,
         skip_corrupt: bool = False,
+        strong: Transform = None,
     ) -> None:
         super().__init__()
         self.urls = expand_shards(shards)
-        self.transform, self.batch_size = transform, batch_size
+        self.transform, self.strong, self.batch_size = transform, strong, batch_size
         self.seed, self.stream, self.exclude = seed, stream, exclude
         self.shuffle_buffer, self.skip_corrupt = shuffle_buffer, skip_corrupt
         self.batches_per_epoch = 1
@@ -339,11 +342,13 @@ class ShardStream(IterableDataset):
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(seed)
                     pixels = self.transform(image) if self.transform else image
+                    views = {"image_strong": self.strong(image)} if self.strong else {}
                 index = (done // self.batch_size * workers + worker) * self.batch_size
                 yield {
                     "image": pixels,
                     "index": index + done % self.batch_size,
                     "key": sample["__key__"],
+                    **views,
                 }
             done += 1
 
@@ -387,7 +392,25 @@ class ShardLoader(DataLoader):
         self._resume = (int(state["epoch"]), int(state["consumed_batches"]))
 
 
-def check_streamed(hidden_labels: bool, combined_mode: str) -> None:
+def stream_loader(
+    stream: ShardStream,
+    batches_per_epoch: int,
+    progress: Callable[[], tuple[int, int]],
+    num_workers: int,
+    resume: dict[str, int] | None = None,
+) -> ShardLoader:
+    """The training loader of ``stream`` (workers not persistent: each epoch sends its
+    position), starting at ``resume`` (a loader state) when given."""
+    loader = ShardLoader(
+        stream, batches_per_epoch, progress, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
+    if resume is not None:
+        loader.load_state_dict(resume)
+    return loader
+
+
+def check_streamed(hidden_labels: bool, combined_mode: str, images_cached: bool = False) -> None:
     """ValueError for settings that streamed unpaired images cannot honour."""
     if hidden_labels:
         raise ValueError("hidden_labels is not available for unpaired images from shards")
@@ -395,4 +418,9 @@ def check_streamed(hidden_labels: bool, combined_mode: str) -> None:
         raise ValueError(
             "unpaired images streamed from shards are drawn alongside the paired loader: "
             "use combined_mode='min_size' (an epoch is one pass over the pairs)"
+        )
+    if images_cached:
+        raise ValueError(
+            "the image tower-output cache reads every image once up front; unpaired "
+            "images streamed from shards are not cached: use tower_cache: text"
         )
