@@ -348,11 +348,14 @@ def encode_text_from_embeddings(clip_model: Any, ids, embeds, normalize: bool = 
     Duck-typed on open_clip.CLIP (transformer, positional_embedding, attn_mask, ln_final,
     text_projection, text_pool_type). The release always permutes NLD->LND
     (model.py:221-223); that was right for open_clip 2.23/2.24 only. Here the permute happens
-    only when the transformer is sequence-first (``batch_first`` False or absent).
+    only for open_clip <= 2.24 (no ``batch_first`` attribute): from 2.26 the transformer takes
+    (B, L, W) whatever ``batch_first`` says and transposes inside.
     """
     cast_dtype = clip_model.transformer.get_cast_dtype()
     x = embeds + clip_model.positional_embedding.to(cast_dtype)  # xs is NOT cast (model.py:216)
-    seq_first = not getattr(clip_model.transformer, "batch_first", False)
+    # open_clip >= 2.26 takes (B, L, W) whatever batch_first says (it transposes inside);
+    # only older versions (no batch_first attribute) want the release's (L, B, W)
+    seq_first = not hasattr(clip_model.transformer, "batch_first")
     if seq_first:
         x = x.permute(1, 0, 2)
     x = clip_model.transformer(x, attn_mask=clip_model.attn_mask)

@@ -240,3 +240,50 @@ class ResultsWriter(L.Callback):
         report, self._report = self._report, None
         if report:
             print(report, flush=True)
+
+
+class ConceptLogitsWriter(L.Callback):
+    """SemiCLIP stage 1 -> stage 2: at the end of ``fit``, write the concept logits
+    ``exp(c) U E^T`` of every unpaired training image (one pass, no gradient, eval mode,
+    rank 0) to ``path``, keyed as :mod:`~sclip_lightning.concept_logits` describes.
+
+    Args:
+        path: the file stage 2's ``SemiCLIPLoss(stage1_logits=...)`` reads.
+        train_view: encode one random training-transform view of each image (the release)
+            instead of the evaluation transform (deterministic; the default).
+    """
+
+    def __init__(self, path: str, train_view: bool = False) -> None:
+        self.path, self.train_view = path, train_view
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from sclip_lightning.concept_logits import save_concept_logits
+        from sclip_lightning.interfaces import UnpairedData
+
+        criterion = getattr(pl_module, "criterion", None)
+        dm = trainer.datamodule  # type: ignore[attr-defined]
+        if not hasattr(criterion, "concept_logits") or not isinstance(dm, UnpairedData):
+            raise ValueError(
+                "ConceptLogitsWriter needs a module whose criterion has a concept head "
+                "(SemiCLIPLoss) and a data module with unpaired_dataloader()"
+            )
+        if trainer.is_global_zero:
+            info = dm.train_info()  # type: ignore[attr-defined]
+            was_training = pl_module.training
+            pl_module.eval()
+            rows = []
+            with torch.no_grad():
+                for batch in dm.unpaired_dataloader(self.train_view):
+                    images = batch["image"].to(pl_module.device)
+                    feats = pl_module.encode_images(images).float()  # type: ignore[operator]
+                    rows.append(criterion.concept_logits(feats).cpu())  # type: ignore[union-attr]
+            pl_module.train(was_training)
+            logits = torch.cat(rows) if rows else torch.zeros(0, len(criterion.concept_names))  # type: ignore[union-attr]
+            path = save_concept_logits(
+                self.path, logits, criterion.concept_names, info.unpaired_keys,  # type: ignore[union-attr]
+                info.unpaired_index, criterion.embedding_digest(),  # type: ignore[union-attr]
+                "train" if self.train_view else "eval",
+            )  # fmt: skip
+            log.info("stage-1 concept logits of %d unpaired images -> %s", len(logits), path)
+        if dist.is_available() and dist.is_initialized():
+            trainer.strategy.barrier("concept_logits")

@@ -111,3 +111,23 @@ def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
 def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
     keys = state["keys"].numpy().astype(np.uint32)
     return state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's weights into ``module`` (no optimiser, schedule or step): every
+    tensor of ``module`` must be in it except the objective's that the checkpoint's stage
+    did not have (e.g. SemiCLIP's context, new in stage 2); extra entries are an error."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init_from checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state_dict (a Lightning checkpoint is expected)")
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("criterion.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit this model: missing {missing[:5]}, unexpected "
+            f"{list(result.unexpected_keys)[:5]}; init_from takes a checkpoint of the same "
+            "model_name (and objective parameters of the same stage or an earlier one)"
+        )

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 from sclip_lightning import distributed
 from sclip_lightning.callbacks import Nonfinite, NonFiniteGuard, ResultsWriter, logs_this_step
-from sclip_lightning.checkpoint import RandomStateCheckpoint
+from sclip_lightning.checkpoint import RandomStateCheckpoint, load_weights
 from sclip_lightning.evaluation import EvaluationSteps
 from sclip_lightning.interfaces import TowerOutputData, TrainingData
 from sclip_lightning.losses import Objective, SCLIPLoss, build_component
 from sclip_lightning.losses.component import check_choice
 from sclip_lightning.models import build_model, build_tokenizer, register_model_configs
+from sclip_lightning.optim import adamw_with_schedule
+from sclip_lightning.prompts import PromptEncoder
 from sclip_lightning.towers import (
     CachedTowers,
     causal_text_length,
@@ -54,6 +56,8 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         model_config_dir: folder of extra open_clip model JSONs to register.
         image_size: override the model's input size.
         criterion: the training objective; None: ``SCLIPLoss()`` (S-CLIP, recommended numerics).
+        init_from: start ``fit`` from this checkpoint's weights (model and objective; the
+            optimiser, schedule and step start fresh): SemiCLIP's stage 2 from stage 1.
         keyword_vocabulary: keyword texts; None takes the data module's.
         keyword_template: text encoded for each keyword (``{}`` = keyword).
         lr: AdamW learning rate (paper 5e-5).
@@ -93,6 +97,7 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         model_config_dir: str | None = None,
         image_size: int | None = None,
         criterion: Objective | None = None,
+        init_from: str | None = None,
         keyword_vocabulary: list[str] | None = None,
         keyword_template: str = "{}",
         lr: float = 5e-5,
@@ -173,6 +178,11 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         return self.criterion.uses_unpaired
 
     @property
+    def uses_strong_view(self) -> bool:
+        """Whether training reads a strong view of the unpaired images (the objective's say)."""
+        return self.uses_unpaired and self.criterion.uses_strong_view
+
+    @property
     def uses_keywords(self) -> bool:
         return self.uses_unpaired and self.criterion.uses_keywords and bool(self.keywords)
 
@@ -236,10 +246,12 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         else:
             feats = self.encode_images(torch.cat([paired["image"], unpaired["image"]]))
             image_feats, unpaired_feats = feats[:n_p], feats[n_p:]
-        keyword_feats = candidates = None
+        keyword_feats = candidates = strong = None
         text_feats = self.encode_texts(paired["text"])
         if unpaired is not None and self.uses_keywords:
             keyword_feats, candidates = self.encode_keywords(), paired["keywords"]
+        if unpaired is not None and self.uses_strong_view:  # pixels, also with the image cache
+            strong = self.model.encode_image(unpaired["image_strong"], normalize=True)
         return self.criterion(
             image_feats,
             text_feats,
@@ -249,6 +261,8 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
             keyword_candidates=candidates,
             pair_index=paired.get("pair_index"),
             label=paired.get("label"),
+            unpaired_strong_features=strong,
+            unpaired_index=None if unpaired is None else unpaired.get("index"),
         )
 
     # -------------------------------------------------------------- lifecycle
@@ -263,7 +277,10 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         tokens = self.tokenizer(words) if words else torch.zeros(0, 1, dtype=torch.long)
         self.register_buffer("keyword_tokens", tokens.to(self.device), persistent=False)
         self._keyword_length = causal_text_length(self.model, tokens)
-        if info is not None:
+        if stage == "fit" and self._hp.init_from:
+            load_weights(self, self._hp.init_from)
+        if info is not None and stage == "fit":
+            self.criterion.bind_text_tower(PromptEncoder.for_model(self.model, self.tokenizer))
             self.criterion.setup(info)
         if self._hp.tower_cache is not None and stage != "predict":
             self.configure_tower_cache(dm)
@@ -314,36 +331,14 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self._hp.max_logit_scale))
+        self.criterion.after_step()
 
     def configure_optimizers(self):
+        """AdamW (no decay on norms, biases and scales; the objective's own groups) with a
+        linear warm-up and a cosine (or constant) schedule per step."""
         hp = self._hp
-
-        def no_decay(name: str, p: torch.Tensor) -> bool:
-            return p.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale"))
-
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {
-                "params": [p for n, p in params if not no_decay(n, p)],
-                "weight_decay": hp.weight_decay,
-            },
-            {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
-        ]
-        # fused AdamW takes the guard's device-side non-finite flag (NonFiniteGuard)
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in params)
-        opt = torch.optim.AdamW(
-            groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None
-        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = hp.warmup_steps
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if hp.scheduler == "constant":
-                return 1.0
-            progress = (step - warm) / max(1, total - warm)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(
+            self, self.criterion.optimizer_groups(hp.lr, hp.weight_decay), hp.lr,
+            hp.weight_decay, tuple(hp.betas), hp.eps, hp.warmup_steps, hp.scheduler, total,
+        )  # fmt: skip

@@ -69,8 +69,10 @@ class SCLIPDataModule(L.LightningDataModule):
         model_name: open_clip model name: its tokenizer and preprocessing are used.
         image_size: override the model's input size.
         keywords: keyword vocabulary: a file path, ``"default"`` (the source's own list, if
-            any), ``"mine"`` (top ``num_keywords`` mined from the paired captions) or None.
-        num_keywords: vocabulary size when mining.
+            any), ``"mine"`` (top ``num_keywords`` by frequency in the paired captions),
+            ``"yake"`` (top ``num_keywords`` by YAKE, the extractor S-CLIP's authors used)
+            or None.
+        num_keywords: vocabulary size when mining (``"mine"`` or ``"yake"``).
         keyword_matching: ``"tokens"`` (whole words/phrases, case-insensitive) or
             ``"release"`` (the release's case-sensitive ``" k " in " caption "``).
         caption_sampling: ``"random"`` caption per visit (release) or ``"first"``.

@@ -6,6 +6,8 @@ each in the file named after it: ``contrastive.py`` (CLIP loss with unpaired neg
 ``caption_ot.py`` (caption-level pseudo-labels), ``keyword_pll.py`` (keyword-level partial
 labels); the plan comes from an assigner (``assigners.py``; balanced Sinkhorn in
 ``sinkhorn.py``), optionally over a support bank (``bank.py``); ``sclip.py`` combines them.
+SemiCLIP's terms: ``concept.py`` (concept loss), ``trapezoid.py`` (trapezoidal consistency);
+``semiclip.py`` combines them with the contrastive loss.
 """
 
 from sclip_lightning.losses.assigners import (
@@ -26,6 +28,7 @@ from sclip_lightning.losses.functional import soft_cross_entropy
 from sclip_lightning.losses.keyword_pll import keyword_loss, keyword_targets
 from sclip_lightning.losses.objective import Features, Objective
 from sclip_lightning.losses.sclip import RELEASED, Assignment, SCLIPLoss
+from sclip_lightning.losses.semiclip import RELEASED_SEMICLIP, SemiCLIPLoss
 from sclip_lightning.losses.sinkhorn import sinkhorn_log, sinkhorn_plan, sinkhorn_pot
 
 __all__ = [
@@ -40,6 +43,8 @@ __all__ = [
     "OTAssigner",
     "Objective",
     "SCLIPLoss",
+    "SemiCLIPLoss",
+    "RELEASED_SEMICLIP",
     "SoftNNAssigner",
     "SupportBank",
     "UnbalancedOTAssigner",

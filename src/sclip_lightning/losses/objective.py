@@ -11,7 +11,8 @@ override :meth:`Objective.compute`; name it in YAML by its class path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -34,6 +35,11 @@ class Features:
         keyword_candidates: (B_p, K) bool, keyword k occurs in caption i.
         pair_index: (B_p,) long position of each pair among the paired training images.
         label: (B_p,) long hidden class labels (diagnostics only, never a loss input).
+        unpaired_strong: (B_u, D) features of a strongly augmented view of the unpaired
+            images (only when :attr:`Objective.uses_strong_view`).
+        unpaired_index: (B_u,) long ``index`` of each unpaired image (its dataset item).
+        extra: tensors an objective computed per rank in :meth:`Objective.prepare` (rows
+            first; floating ones gathered with gradients, the others without).
     """
 
     image: torch.Tensor
@@ -44,6 +50,9 @@ class Features:
     keyword_candidates: torch.Tensor | None = None
     pair_index: torch.Tensor | None = None
     label: torch.Tensor | None = None
+    unpaired_strong: torch.Tensor | None = None
+    unpaired_index: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective(Component):
@@ -74,8 +83,35 @@ class Objective(Component):
         """Whether :meth:`compute` reads the keyword features (encoded every step then)."""
         return False
 
+    @property
+    def uses_strong_view(self) -> bool:
+        """Whether :meth:`compute` reads ``unpaired_strong`` (the data module then serves a
+        strongly augmented view of each unpaired image)."""
+        return False
+
+    def bind_text_tower(self, encoder: Any) -> None:
+        """Called by the module before :meth:`setup` with a
+        :class:`~sclip_lightning.prompts.PromptEncoder` of its text tower, for objectives
+        that encode their own prompts (override; nothing by default)."""
+
     def setup(self, info: TrainInfo) -> None:
         """Called by the module once the training data is known (override to size state)."""
+
+    def prepare(self, f: Features) -> Features:
+        """Per-rank work before the batch is gathered (override; identity by default): e.g.
+        encoding prompts of this rank's images into ``f.extra``. Runs under the caller's
+        autocast, on the local batch."""
+        return f
+
+    def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups of the objective's own parameters with settings of their own
+        (``{"params", "lr", "weight_decay"}``); parameters not listed go to the module's
+        groups. None by default."""
+        return []
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (e.g. to clamp a learned scale); nothing by
+        default."""
 
     def compute(self, f: Features) -> dict[str, torch.Tensor]:
         """The loss terms of one batch (override). Keys end in ``_loss``."""
@@ -97,6 +133,8 @@ class Objective(Component):
         keyword_candidates: torch.Tensor | None = None,
         pair_index: torch.Tensor | None = None,
         label: torch.Tensor | None = None,
+        unpaired_strong_features: torch.Tensor | None = None,
+        unpaired_index: torch.Tensor | None = None,
         output_dict: bool = True,
     ) -> dict[str, torch.Tensor] | torch.Tensor:
         """The loss terms (see :class:`Features` for the shapes), or their sum with
@@ -109,36 +147,77 @@ class Objective(Component):
             keyword_candidates,
             pair_index,
         )
-        device = image_features.device
-        with torch.autocast(device_type=device.type, enabled=False):
-            f = Features(
-                image_features.float(),
-                text_features.float(),
-                torch.as_tensor(logit_scale, device=device).float(),
-                None if unpaired_features is None else unpaired_features.float(),
-                None if keyword_features is None else keyword_features.float(),
-                None if keyword_candidates is None else keyword_candidates.bool(),
-                pair_index,
-                label,
+        if unpaired_strong_features is not None and (
+            unpaired_features is None or unpaired_strong_features.shape != unpaired_features.shape
+        ):
+            raise ValueError(
+                "unpaired_strong_features must match unpaired_features' shape; got "
+                f"{tuple(unpaired_strong_features.shape)} for "
+                f"{None if unpaired_features is None else tuple(unpaired_features.shape)}"
             )
+        device = image_features.device
+        f = Features(
+            image_features,
+            text_features,
+            torch.as_tensor(logit_scale, device=device),
+            unpaired_features,
+            keyword_features,
+            keyword_candidates,
+            pair_index,
+            label,
+            unpaired_strong_features,
+            unpaired_index,
+        )
+        f = self.prepare(f)
+        with torch.autocast(device_type=device.type, enabled=False):
+            f = _float32(f)
             if self.gather_distributed:
                 f = _gathered(f)
             losses = self.compute(f)
         return losses if output_dict else sum(losses.values())  # type: ignore[return-value]
 
 
+def _float32(f: Features) -> Features:
+    """Floating features in float32 (autocast may have produced half precision)."""
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.float() if t is not None and t.is_floating_point() else t
+
+    return replace(
+        f,
+        image=f.image.float(),
+        text=f.text.float(),
+        logit_scale=f.logit_scale.float(),
+        unpaired=cast(f.unpaired),
+        keywords=cast(f.keywords),
+        keyword_candidates=None if f.keyword_candidates is None else f.keyword_candidates.bool(),
+        unpaired_strong=cast(f.unpaired_strong),
+        extra={k: cast(v) for k, v in f.extra.items()},  # type: ignore[misc]
+    )
+
+
 def _gathered(f: Features) -> Features:
-    """The global batch: features with gradients, the rest without."""
-    g, ng = distributed.gather_with_grad, distributed.gather_no_grad
+    """The global batch: floating tensors with gradients, the rest without."""
+
+    def gather(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if t.is_floating_point():
+            return distributed.gather_with_grad(t)
+        return distributed.gather_no_grad(t)
+
     return Features(
-        g(f.image),
-        g(f.text),
+        distributed.gather_with_grad(f.image),
+        distributed.gather_with_grad(f.text),
         f.logit_scale,
-        None if f.unpaired is None else g(f.unpaired),
-        f.keywords,
-        None if f.keyword_candidates is None else ng(f.keyword_candidates),
-        None if f.pair_index is None else ng(f.pair_index),
-        None if f.label is None else ng(f.label),
+        gather(f.unpaired),
+        f.keywords,  # the same on every rank
+        gather(f.keyword_candidates),
+        gather(f.pair_index),
+        gather(f.label),
+        gather(f.unpaired_strong),
+        gather(f.unpaired_index),
+        {k: gather(v) for k, v in f.extra.items()},  # type: ignore[misc]
     )
 
 
