@@ -35,6 +35,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 LIT = REPO / "configs" / "real" / "rsicd_mini_lit.yaml"
@@ -61,7 +63,22 @@ METHODS: dict[str, dict[str, Any]] = {
     "S-CLIP 10%, 32+32, bank all pairs": BANK,
     "S-CLIP 10%, 32+32, bank all pairs, unbalanced OT": {**BANK, **UOT},
     "CLIP 100% (ceiling)": {**CLIP, "data.init_args.label_ratio": 1.0},
+    "CLIP 30%": {**CLIP, "data.init_args.label_ratio": 0.3},
+    # two fits (run_semiclip): stage 1 for STAGE1_SHARE of the steps, stage 2 from its weights
+    "SemiCLIP 10%, 32+32": {OBJ: "sclip_lightning.losses.SemiCLIPLoss"},
 }
+SEMICLIP = "sclip_lightning.losses.SemiCLIPLoss"
+#: the release's 25 + 15 epochs: stage 1 takes 25/40 of a run's steps
+STAGE1_SHARE = 25 / 40
+#: --table semiclip: the methods side by side (S-CLIP as in the paper: its global batch of
+#: 128 + 128; S-CLIP as the README recommends on one GPU: bank of all pairs + unbalanced OT)
+SIDE_BY_SIDE = [
+    "CLIP 10%",
+    "CLIP 30%",
+    "S-CLIP 10%, 128+128",
+    "S-CLIP 10%, 32+32, bank all pairs, unbalanced OT",
+    "SemiCLIP 10%, 32+32",
+]
 FINETUNE_METHODS = ["CLIP 10%", "S-CLIP 10%, 32+32", "S-CLIP 10%, 32+32, bank all pairs"]
 #: --diagnostics: one change at a time around S-CLIP 32+32 with the bank of all pairs, at one
 #: fixed learning rate (--diagnostics-lr), 3 seeds on test: why the bank helps or does not
@@ -133,11 +150,17 @@ def run(
     }
     if zeroshot is not None:
         args["data.init_args.zeroshot"] = json.dumps(zeroshot)
-    argv = [arg for c in configs for arg in ("--config", str(c))]
-    for key, value in args.items():
-        argv += [f"--{key}", str(value)]
+
+    def cli_of(extra: dict[str, Any]) -> Any:
+        argv = [arg for c in configs for arg in ("--config", str(c))]
+        for key, value in {**args, **extra}.items():
+            argv += [f"--{key}", str(value)]
+        return build_cli(argv, run=False)
+
     t0 = time.time()
-    cli = build_cli(argv, run=False)
+    if args.get(OBJ) == SEMICLIP:
+        return run_semiclip(cli_of, Path(run_dir), steps), time.time() - t0
+    cli = cli_of({})
     cli.trainer.fit(cli.model, cli.datamodule)
     acc = cli.trainer.callback_metrics.get("train/pseudo_label_acc_epoch")
     cli.trainer.test(cli.model, cli.datamodule, verbose=False)
@@ -145,6 +168,90 @@ def run(
     if acc is not None:  # the plan's accuracy over the last training epoch (hidden labels)
         rows.append({"task": "pseudo-labels", "dataset": "train", "acc": 100 * float(acc)})
     return rows, time.time() - t0
+
+
+def run_semiclip(cli_of: Any, run_dir: Path, steps: int) -> list[dict[str, Any]]:
+    """SemiCLIP as users run it: `sclip fit` stage 1 with the ConceptLogitsWriter, `sclip
+    fit` stage 2 from its checkpoint (init_from), `sclip test`; then the diagnostics from
+    the unpaired images' hidden captions (:func:`semiclip_diagnostics`)."""
+    logits = run_dir / "stage1_concept_logits.pt"
+    first = round(steps * STAGE1_SHARE)
+    writer = {"class_path": "sclip_lightning.callbacks.ConceptLogitsWriter"}
+    stage1 = cli_of(
+        {
+            OBJ: json.dumps({"class_path": SEMICLIP, "init_args": {"stage": 1}}),
+            "trainer.max_steps": first,
+            "trainer.callbacks": json.dumps([{**writer, "init_args": {"path": str(logits)}}]),
+        }
+    )
+    stage1.trainer.fit(stage1.model, stage1.datamodule)
+    stage1.trainer.save_checkpoint(run_dir / "stage1.ckpt")
+    stage2 = cli_of(
+        {
+            OBJ: json.dumps(
+                {"class_path": SEMICLIP, "init_args": {"stage": 2, "stage1_logits": str(logits)}}
+            ),
+            "model.init_args.init_from": str(run_dir / "stage1.ckpt"),
+            "trainer.max_steps": steps - first,
+        }
+    )
+    stage2.trainer.fit(stage2.model, stage2.datamodule)
+    stage2.trainer.test(stage2.model, stage2.datamodule, verbose=False)
+    rows = list(stage2.model.test_results)
+    rows.append(semiclip_diagnostics(stage2.model, stage2.datamodule, logits))
+    return rows
+
+
+@torch.no_grad()
+def semiclip_diagnostics(module: Any, dm: Any, logits_file: Path) -> dict[str, Any]:
+    """What SemiCLIP's pseudo-labels get right, from the unpaired images' hidden captions
+    (never seen in training): the concepts of an image are those of the vocabulary in its
+    captions (:class:`~sclip_lightning.concepts.ConceptMiner` with the vocabulary file).
+
+    - concept top-3 acc / prec: stage-1 logits (what stage 2 trains towards): share of images
+      with at least one of their top-3 concepts in their captions / share of top-3 concepts
+      that are.
+    - surrogate prec, all / selected: share of the top-``surrogate_words`` concepts of a
+      surrogate caption found in the image's captions, over all unpaired images and over the
+      ``selection_ratio`` of each unpaired batch (in loader order) the final model selects.
+    """
+    import tempfile
+
+    from sclip_lightning.concepts import ConceptMiner
+
+    crit, info = module.criterion, dm.train_info()
+    names = list(crit.concept_names)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(names))
+    captions = [dm.unpaired_base.captions[i] for i in info.unpaired_index]
+    mined = ConceptMiner(vocabulary=f.name).mine(captions)
+    hidden = mined.labels[:, [mined.names.index(n) for n in names]]  # (N_u, K), our order
+    stage1 = torch.load(logits_file, weights_only=True)["logits"]
+    hits = hidden.gather(1, stage1.topk(3, dim=1).indices)
+    module.eval()
+    feats = [
+        module.encode_images(b["image"].to(module.device)).float() for b in dm.unpaired_dataloader()
+    ]
+    unpaired = torch.cat(feats)
+    top = stage1.topk(crit.surrogate_words, dim=1).indices.to(module.device)
+    surrogate = torch.cat(
+        [crit.surrogates(top[i : i + 256], crit.context) for i in range(0, len(top), 256)]
+    ).float()
+    fit = (surrogate * unpaired).sum(dim=1).cpu()
+    prec = hidden.gather(1, top.cpu()).mean(dim=1)
+    bu = dm.hparams.unpaired_batch_size
+    n = len(fit) // bu * bu
+    k = int(bu * crit.selection_ratio)
+    chosen = fit[:n].view(-1, bu).topk(k, dim=1).indices
+    selected = prec[:n].view(-1, bu).gather(1, chosen)
+    return {
+        "task": "semiclip",
+        "dataset": "unpaired (hidden captions)",
+        "concept top-3 acc": 100 * float((hits.sum(dim=1) > 0).float().mean()),
+        "concept top-3 prec": 100 * float(hits.mean()),
+        "surrogate prec, all": 100 * float(prec.mean()),
+        "surrogate prec, selected": 100 * float(selected.mean()),
+    }
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -157,6 +264,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
             tops.append(r["top1"])
         elif r["task"] == "pseudo-labels":
             out["pseudo-label acc (train)"] = r["acc"]
+        elif r["task"] == "semiclip":
+            out.update({k: v for k, v in r.items() if k not in ("task", "dataset")})
         else:
             out.update({m: r[m] for m in METRICS})
     out["zero-shot mean"] = statistics.mean(tops) if tops else float("nan")
@@ -193,6 +302,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=None, help="names of METHODS to run")
+    p.add_argument(
+        "--table",
+        choices=["semiclip"],
+        default=None,
+        help="semiclip: the methods of SIDE_BY_SIDE (stem results_<protocol>_semiclip)",
+    )
     p.add_argument("--zeroshot", nargs="+", default=None, help="zero-shot sets (name[=root])")
     p.add_argument("--out", type=Path, default=REPO / "docs")
     p.add_argument("--tag", default=None, help="file stem (default: results_<protocol>)")
@@ -213,11 +328,12 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     config = args.config or CONFIGS[args.protocol]
-    names = args.methods or (list(METHODS) if args.protocol == "lit" else FINETUNE_METHODS)
+    default = list(METHODS)[:7] if args.protocol == "lit" else FINETUNE_METHODS
+    names = args.methods or (SIDE_BY_SIDE if args.table == "semiclip" else default)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         sys.exit(f"unknown methods {unknown}; known: {list(METHODS)}")
-    stem = args.tag or f"results_{args.protocol}"
+    stem = args.tag or f"results_{args.protocol}" + ("_semiclip" if args.table else "")
     if args.replot:
         saved = json.loads((args.out / f"{stem}.json").read_text())
         plot(saved["results"], args.out / f"{stem}.png", args.protocol, len(saved["seeds"]))
