@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-gpu lint format typecheck demo bench bench-cache bench-shards bench-memory real-benchmark real-benchmark-finetune wheelhouse install-offline gpu-check gpu-check-images clean
+.PHONY: install test test-slow test-gpu lint format typecheck demo bench bench-cache bench-shards bench-memory real-benchmark real-benchmark-finetune real-benchmark-semiclip mine-vocabularies wheelhouse install-offline gpu-check gpu-check-images clean
 
 install:  ## create .venv and install the package with dev + offline extras
 	$(PY) -m venv $(VENV)
@@ -69,6 +69,13 @@ real-benchmark:  ## rsicd-mini, offline towers locked + cached, through sclip fi
 
 real-benchmark-finetune:  ## rsicd-mini, image tower's top blocks unlocked (cached below them): CLIP vs S-CLIP with/without bank
 	$(PYTHON) bench/real_benchmark.py --protocol finetune --steps 500 --lrs 3e-4 1e-4 --out docs
+
+real-benchmark-semiclip:  ## rsicd-mini side by side, both protocols: CLIP 10%, CLIP 30%, S-CLIP (paper batch), S-CLIP (one GPU), SemiCLIP
+	$(PYTHON) bench/real_benchmark.py --table semiclip --out docs
+	$(PYTHON) bench/real_benchmark.py --protocol finetune --steps 500 --lrs 3e-4 1e-4 --table semiclip --out docs
+
+mine-vocabularies:  ## concepts (SemiCLIP) and keywords (frequency, YAKE) mined from rsicd-mini's paired captions
+	$(PYTHON) bench/mine_vocabularies.py --markdown
 
 wheelhouse:  ## binary wheels for a node without internet (PY_VERSION=3.12): all but its PyTorch stack (WEIGHTS=dir: the offline extra's weights too)
 	$(PYTHON) tools/wheelhouse.py build --python-version $(PY_VERSION) --out $(WHEELS) --node $(NODE_TORCH) $(if $(WEIGHTS),--weights-out $(WEIGHTS))

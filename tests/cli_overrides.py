@@ -65,9 +65,33 @@ def data_overrides(cfgs: list[Path], tmp_path: Path) -> list[str]:
     return out
 
 
+def semiclip_overrides(cfgs: list[Path]) -> list[str]:
+    """SemiCLIP at fixture size: half the captions as pairs (enough images per concept), two
+    concepts per surrogate caption on the tiny HF tower (16 tokens), frequent concepts kept
+    on the fashion fixture (its captions share most words)."""
+    names = [Path(c).name for c in cfgs]
+    if not any(Path(c).parent.name == "semiclip" for c in cfgs):
+        return []
+    out = ["--data.init_args.label_ratio=0.5"]
+    if any(Path(c).parent.name == "real" for c in cfgs):
+        out.append("--model.init_args.criterion.init_args.surrogate_words=2")
+    if "fashion.yaml" in names:
+        out.append(
+            "--model.init_args.criterion.init_args.concepts="
+            '{"class_path": "sclip_lightning.concepts.ConceptMiner", '
+            '"init_args": {"max_fraction": 1.0, "min_images": 2}}'
+        )
+    return out
+
+
 def model_overrides(cfgs: list[Path], tiny_lit) -> list[str]:
-    """A tiny model for every config; the rsicd-mini protocols keep their locked, cached
-    towers (the tiny timm + Hugging Face model)."""
+    """A tiny model for every config (SemiCLIP's fixture-size options too:
+    :func:`semiclip_overrides`); the rsicd-mini protocols keep their locked, cached towers
+    (the tiny timm + Hugging Face model)."""
+    return _tiny_model(cfgs, tiny_lit) + semiclip_overrides(cfgs)
+
+
+def _tiny_model(cfgs: list[Path], tiny_lit) -> list[str]:
     if any(
         Path(c).parent.name == "real" for c in cfgs
     ):  # the LiT protocol: the tiny timm + HF model, locked, cached

@@ -33,16 +33,6 @@ SETUPS = {
         "runs/semiclip_rsicd_mini",
     ),
 }
-#: the fashion fixture's captions share most words: keep frequent concepts there
-EXTRA = {
-    "fashion": [
-        "--model.init_args.criterion.init_args.concepts="
-        '{"class_path": "sclip_lightning.concepts.ConceptMiner", '
-        '"init_args": {"max_fraction": 1.0, "min_images": 2}}'
-    ],
-    # the tiny HF tower reads 16 tokens: 2 concepts per surrogate caption fit
-    "hf_text_cached": ["--model.init_args.criterion.init_args.surrogate_words=2"],
-}
 #: every SemiCLIP config a test runs (tests/test_cli.py checks that each file is used)
 FILES = [p for protocol, stages, _ in SETUPS.values() for p in (*protocol, *stages)]
 FILES += [SEMICLIP / "released.yaml"]
@@ -65,7 +55,6 @@ def _args(cfgs, tmp_path, tiny_lit, *extra):  # noqa: D103
         *model_overrides(cfgs, tiny_lit),
         *TINY_RUN,
         *_data(cfgs, tmp_path),
-        "--data.init_args.label_ratio=0.5",  # 30 pairs: enough images per concept
         "--trainer.limit_val_batches=0",
         f"--model.init_args.results_dir={tmp_path / 'results'}",
         *extra,
@@ -76,8 +65,7 @@ def _args(cfgs, tmp_path, tiny_lit, *extra):  # noqa: D103
 def test_two_stages_resume_test_and_wrong_pairing(setup, tmp_path, tiny_lit, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write under runs/ (relative)
     protocol, (stage1, stage2), run = SETUPS[setup]
-    extra = EXTRA.get(setup, [])
-    main(["fit", *_args([*protocol, stage1], tmp_path, tiny_lit, "--trainer.max_steps=3", *extra)])
+    main(["fit", *_args([*protocol, stage1], tmp_path, tiny_lit, "--trainer.max_steps=3")])
     logits_file = Path(run) / "stage1" / "concept_logits.pt"
     record = torch.load(logits_file, weights_only=True)
     stage1_ckpt = torch.load(Path(run) / "stage1" / "last.ckpt", weights_only=True)
@@ -88,7 +76,7 @@ def test_two_stages_resume_test_and_wrong_pairing(setup, tmp_path, tiny_lit, mon
     assert record["view"] == "eval"
 
     s2 = [*protocol, stage2]
-    main(["fit", *_args(s2, tmp_path, tiny_lit, "--trainer.max_steps=3", *extra)])
+    main(["fit", *_args(s2, tmp_path, tiny_lit, "--trainer.max_steps=3")])
     last = Path(run) / "stage2" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 3  # a fresh schedule: stage 2 counts from 0
@@ -97,21 +85,21 @@ def test_two_stages_resume_test_and_wrong_pairing(setup, tmp_path, tiny_lit, mon
     moved = (state["criterion.concept_embeddings"] - k).abs().max()
     assert moved > 0  # stage 2 trained the concept head it started from
 
-    resume = ("--trainer.max_steps=5", f"--ckpt_path={last}", *extra)
+    resume = ("--trainer.max_steps=5", f"--ckpt_path={last}")
     main(["fit", *_args(s2, tmp_path, tiny_lit, *resume)])
     assert torch.load(last, weights_only=True)["global_step"] == 5  # resumed inside stage 2
 
-    main(["test", *_args(s2, tmp_path, tiny_lit, f"--ckpt_path={last}", *extra)])
+    main(["test", *_args(s2, tmp_path, tiny_lit, f"--ckpt_path={last}")])
     assert (tmp_path / "results" / "results.md").is_file()
 
     # another split: other unpaired images (or other concepts) than the stage-1 file's
     with pytest.raises(SystemExit, match="stage 2 must"):
-        main(["fit", *_args(s2, tmp_path, tiny_lit, "--data.init_args.split_seed=1", *extra)])
+        main(["fit", *_args(s2, tmp_path, tiny_lit, "--data.init_args.split_seed=1")])
     # a logits file of another stage-1 run than the checkpoint stage 2 starts from
     record["embedding_digest"] = "0" * 16
     torch.save(record, logits_file)
     with pytest.raises(SystemExit, match="same stage-1 run"):
-        main(["fit", *_args(s2, tmp_path, tiny_lit, "--trainer.max_steps=1", *extra)])
+        main(["fit", *_args(s2, tmp_path, tiny_lit, "--trainer.max_steps=1")])
 
 
 def test_released_semiclip_config_builds_the_released_preset(tmp_path):
