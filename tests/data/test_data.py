@@ -83,6 +83,11 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     skipping = CaptionTable(path, skip_corrupt=True)
     item = skipping[1]
     assert item["path"].endswith("2.png") and skipping.skipped == {1}
+    assert item["record"] == 2 and ds[3]["record"] == 3  # the record served
+    from sclip_lightning.data.base import ConcatCaptioned
+
+    both = ConcatCaptioned([CaptionTable(path), skipping])  # records of the whole set
+    assert [both[i]["record"] for i in (0, 4, 5, -1)] == [0, 4, 6, 7]
 
 
 def test_rsicd_and_classes(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from fixtures import (
     write_fashion200k,
     write_fashiongen,
@@ -108,6 +109,35 @@ def test_combinations_rs_all_and_fashion_all(tmp_path):
     fa = build_captioned("fashion_all", tmp_path / "f", "train")
     assert len(fa) == 10 + 3 + 4
     assert fa[12]["captions"][0].startswith("Shirt")
+
+
+def test_random_product_photos_are_read_as_their_own_record(tmp_path):
+    """Fashion200k and FashionGen draw one of a product's photos per visit: the photo's path
+    is no record's path, yet the item names its record (the training and retrieval sets
+    look up that record's caption keywords and cached outputs by it). Looking the record up
+    by path once raised StopIteration inside the DataLoader, which silently ended every
+    Fashion-ALL epoch and evaluation after no batch."""
+    from sclip_lightning.data.datasets import PairedTrainSet, _captioned_image
+    from sclip_lightning.data.keywords import KeywordMatcher
+    from sclip_lightning.data.registry import build_captioned
+    from sclip_lightning.data.tower_cache import TowerOutputs
+
+    write_fashion200k(tmp_path / "fashion200k")
+    write_fashiongen(tmp_path / "FashionGen")
+    write_polyvore(tmp_path / "PolyvoreOutfits")
+    fa = build_captioned("fashion_all", tmp_path, "train")
+    paths = {str(p) for p in fa.paths}
+    other_photos = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        for i in range(len(fa)):
+            item, _, source = _captioned_image(fa, TowerOutputs(), lambda im: im, i)
+            assert source == i
+            other_photos += item["path"] not in paths
+    assert other_photos > 0  # the fixture's products have photos besides the first
+    assert [fa[i]["record"] for i in range(len(fa))] == list(range(len(fa)))
+    pairs = PairedTrainSet(fa, range(len(fa)), lambda im: im, lambda c: c, KeywordMatcher([]))
+    assert [pairs[(i, 7)]["index"] for i in range(len(fa))] == list(range(len(fa)))
 
 
 @pytest.mark.parametrize("form", ["hf", "table"])

@@ -1,13 +1,15 @@
 """What every data source shares: the one image-loading path, captioned and labelled records,
 split names, and errors that name the missing file and the expected layout.
 
-Captioned items are ``{"image", "captions": list[str], "path"}``; class items are
-``{"image", "label": int, "path"}``; unpaired items are ``{"image", "path"}``. ``image`` is
-a PIL RGB image, or whatever ``transform`` makes of it.
+Captioned items are ``{"image", "captions": list[str], "path", "record"}``; class items are
+``{"image", "label": int, "path", "record"}``; unpaired items are ``{"image", "path",
+"record"}``. ``image`` is a PIL RGB image, or whatever ``transform`` makes of it; ``path``
+names the image actually read; ``record`` is the index of the record it belongs to.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,7 +62,9 @@ class ImageRecords(Dataset):
     not come from files, :meth:`load` (HDF5 rows, Hugging Face records). ``__getitem__`` turns
     an unreadable image into :class:`CorruptImageError` naming it, or, with
     ``skip_corrupt``, serves the next readable record instead (each skip counted and logged
-    once per process).
+    once per process). Every item says which record it was read from (``"record"``): the
+    index asked for, or the record served instead; ``"path"`` cannot tell, as a record
+    with random views reads one of several images (not ``paths[record]``).
 
     Attributes:
         random_views: True when a record's image is drawn at random per visit (e.g. one of a
@@ -110,6 +114,7 @@ class ImageRecords(Dataset):
             item = self._record(i)
             item["image"] = self.transform(image) if self.transform else image
             item["path"] = where
+            item["record"] = i
             return item
         raise CorruptImageError(f"no readable image at all in {type(self).__name__} ({n} files)")
 
@@ -173,6 +178,16 @@ class ConcatCaptioned(torch_data.ConcatDataset):
         self.labels = None
         self.classes = None
         self.random_views = any(getattr(d, "random_views", False) for d in datasets)
+
+    def __getitem__(self, idx: int) -> Any:
+        """The item of record ``idx``, its ``"record"`` an index into the whole set."""
+        if idx < 0:
+            idx += len(self)
+        item = super().__getitem__(idx)
+        if isinstance(item, dict) and "record" in item:
+            part = bisect.bisect_right(self.cumulative_sizes, idx)
+            item["record"] += self.cumulative_sizes[part - 1] if part else 0
+        return item
 
 
 def utf8_error(path: Path, err: UnicodeDecodeError) -> ValueError:

@@ -286,11 +286,17 @@ def _captioned_image(
 
 
 def _source_of(base, item: dict[str, Any], index: int) -> int:
-    """The record an item was read from (``skip_corrupt`` may have moved to the next one)."""
+    """The record an item was read from (``skip_corrupt`` may have moved to the next one):
+    its ``"record"``. A base of another kind (no ``"record"``): the record whose path is
+    the item's, else ``index`` (a random view's path is no record's)."""
+    if "record" in item:
+        return int(item["record"])
     paths = getattr(base, "paths", None)
     if paths is None or "path" not in item or str(paths[index]) == item["path"]:
         return index
-    return next(i for i, p in enumerate(paths) if str(p) == item["path"])
+    # never a bare next(): a StopIteration raised here, in a DataLoader, reads as the end
+    # of the data and silently ends the epoch
+    return next((i for i, p in enumerate(paths) if str(p) == item["path"]), index)
 
 
 def collate_retrieval(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -66,6 +66,8 @@ class _Images(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
         i = self.indices[k]
         item = self.base[i]
+        if "record" in item:  # the record read (skip_corrupt may serve the next one)
+            return self.transform(item["image"]), int(item["record"])
         return self.transform(item["image"]), self.where.get(str(item.get("path")), i)
 
 
