@@ -3,6 +3,7 @@ config tests and the documented-commands test)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fixtures import (
@@ -27,9 +28,20 @@ TINY_RUN = [
 ]
 
 
+_WRITTEN: dict[tuple[str, str], list[str]] = {}  # (data sets named, folder)
+
+
 def data_overrides(cfgs: list[Path], tmp_path: Path) -> list[str]:
-    """Write fixture data in the configs' native layout; return the root overrides."""
+    """Write fixture data in the configs' native layout (once per folder: a run may still
+    hold an HDF5 file open); return the root overrides."""
     text = "\n".join(c.read_text() for c in cfgs)
+    key = (" ".join(sorted(set(re.findall(r"(?:unpaired_)?dataset: \w+", text)))), str(tmp_path))
+    if key not in _WRITTEN:
+        _WRITTEN[key] = _write_data(text, tmp_path)
+    return list(_WRITTEN[key])
+
+
+def _write_data(text: str, tmp_path: Path) -> list[str]:
     big = {"train": 60, "val": 8, "test": 8}
     out: list[str] = []
     if "dataset: rsicd" in text:

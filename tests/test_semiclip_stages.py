@@ -38,23 +38,12 @@ FILES = [p for protocol, stages, _ in SETUPS.values() for p in (*protocol, *stag
 FILES += [SEMICLIP / "released.yaml"]
 
 
-_WRITTEN: dict[str, list[str]] = {}
-
-
-def _data(cfgs, tmp_path):
-    """The fixture data of a test, written once (an open HDF5 file cannot be rewritten)."""
-    key = str(tmp_path)
-    if key not in _WRITTEN:
-        _WRITTEN[key] = data_overrides(cfgs, tmp_path / "data")
-    return _WRITTEN[key]
-
-
 def _args(cfgs, tmp_path, tiny_lit, *extra):  # noqa: D103
     return [
         *(arg for c in cfgs for arg in ("--config", str(c))),
         *model_overrides(cfgs, tiny_lit),
         *TINY_RUN,
-        *_data(cfgs, tmp_path),
+        *data_overrides(cfgs, tmp_path / "data"),
         "--trainer.limit_val_batches=0",
         f"--model.init_args.results_dir={tmp_path / 'results'}",
         *extra,
