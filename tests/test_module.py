@@ -327,3 +327,19 @@ def test_evaluation_numbers_are_percent():
     retrieval, zeroshot = ev.compute()
     assert retrieval["i2t_R@1"] == retrieval["t2i_R@1"] == retrieval["mean_R"] == 100.0
     assert zeroshot["top1"] == 100.0
+
+
+def test_objectives_without_prompts_never_build_a_prompt_encoder(synthetic_root, monkeypatch):
+    """Only an objective that overrides bind_text_tower gets the text tower as a
+    PromptEncoder: S-CLIP and CLIP train on models PromptEncoder does not support."""
+    from sclip_lightning.prompts import PromptEncoder
+
+    def unsupported(*args, **kwargs):
+        raise TypeError("no PromptEncoder for this text tower")
+
+    monkeypatch.setattr(PromptEncoder, "for_model", unsupported)
+    L.seed_everything(0)
+    dm = SCLIPDataModule(num_workers=0, batch_size=8, unpaired_batch_size=8)
+    m = SCLIPModule(model_name="sclip-tiny")
+    quiet_cpu_trainer(max_steps=1).fit(m, dm)
+    assert m.trainer.global_step == 1

@@ -280,7 +280,8 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         if stage == "fit" and self._hp.init_from:
             load_weights(self, self._hp.init_from)
         if info is not None and stage == "fit":
-            self.criterion.bind_text_tower(PromptEncoder.for_model(self.model, self.tokenizer))
+            if type(self.criterion).bind_text_tower is not Objective.bind_text_tower:  # asks
+                self.criterion.bind_text_tower(PromptEncoder.for_model(self.model, self.tokenizer))
             self.criterion.setup(info)
         if self._hp.tower_cache is not None and stage != "predict":
             self.configure_tower_cache(dm)
