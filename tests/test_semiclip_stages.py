@@ -54,10 +54,16 @@ def _args(cfgs, tmp_path, tiny_lit, *extra):  # noqa: D103
 def test_two_stages_resume_test_and_wrong_pairing(setup, tmp_path, tiny_lit, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write under runs/ (relative)
     protocol, (stage1, stage2), run = SETUPS[setup]
-    main(["fit", *_args([*protocol, stage1], tmp_path, tiny_lit, "--trainer.max_steps=3")])
+    s1 = [*protocol, stage1]
+    main(["fit", *_args(s1, tmp_path, tiny_lit, "--trainer.max_steps=2")])
+    first = Path(run) / "stage1" / "last.ckpt"
+    assert torch.load(first, weights_only=True)["global_step"] == 2
+    # resume inside stage 1: one more step, then the logits of the final weights
+    main(["fit", *_args(s1, tmp_path, tiny_lit, "--trainer.max_steps=3", f"--ckpt_path={first}")])
     logits_file = Path(run) / "stage1" / "concept_logits.pt"
     record = torch.load(logits_file, weights_only=True)
-    stage1_ckpt = torch.load(Path(run) / "stage1" / "last.ckpt", weights_only=True)
+    stage1_ckpt = torch.load(first, weights_only=True)
+    assert stage1_ckpt["global_step"] == 3
     k = stage1_ckpt["state_dict"]["criterion.concept_embeddings"]
     n_unpaired = len(record["unpaired_keys"])
     assert n_unpaired > 0 and record["logits"].shape == (n_unpaired, k.shape[0])
