@@ -113,13 +113,34 @@ def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
     return state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]
 
 
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's content, loaded with ``weights_only=True`` (tensors, numbers, strings,
+    containers: never code). SCLIPModule checkpoints hold nothing else.
+
+    Raises:
+        ValueError: the file holds pickled Python objects; loading them could run code.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {path}: it holds pickled Python objects, and unpickling an "
+            "untrusted checkpoint can run arbitrary code (torch.load weights_only=True said: "
+            f"{str(e).splitlines()[0]}). Checkpoints written by SCLIPModule hold only tensors "
+            "and plain values; if you trust this file, load it yourself with "
+            "torch.load(..., weights_only=False) and save its 'state_dict'."
+        ) from None
+
+
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     """Load a checkpoint's weights into ``module`` (no optimiser, schedule or step): every
     tensor of ``module`` must be in it except the objective's that the checkpoint's stage
     did not have (e.g. SemiCLIP's context, new in stage 2); extra entries are an error."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"init_from checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state_dict (a Lightning checkpoint is expected)")

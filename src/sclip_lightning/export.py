@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from sclip_lightning.checkpoint import load_checkpoint
+
 PREFIX = "model."
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -65,27 +67,6 @@ def open_clip_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not out:
         raise KeyError(f"no '{PREFIX}*' weights in the checkpoint: was it saved by SCLIPModule?")
     return out
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's content, loaded with ``weights_only=True`` (tensors, numbers, strings,
-    containers: never code). SCLIPModule checkpoints hold nothing else.
-
-    Raises:
-        ValueError: the file holds pickled Python objects; loading them could run code.
-    """
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {path}: it holds pickled Python objects, and unpickling an "
-            "untrusted checkpoint can run arbitrary code (torch.load weights_only=True said: "
-            f"{str(e).splitlines()[0]}). Checkpoints written by SCLIPModule hold only tensors "
-            "and plain values; if you trust this file, load it yourself with "
-            "torch.load(..., weights_only=False) and save its 'state_dict'."
-        ) from None
 
 
 def _is_local_dir(name: str | None) -> bool:
