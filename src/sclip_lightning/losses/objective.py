@@ -146,15 +146,8 @@ class Objective(Component):
             keyword_features,
             keyword_candidates,
             pair_index,
+            unpaired_strong_features,
         )
-        if unpaired_strong_features is not None and (
-            unpaired_features is None or unpaired_strong_features.shape != unpaired_features.shape
-        ):
-            raise ValueError(
-                "unpaired_strong_features must match unpaired_features' shape; got "
-                f"{tuple(unpaired_strong_features.shape)} for "
-                f"{None if unpaired_features is None else tuple(unpaired_features.shape)}"
-            )
         device = image_features.device
         f = Features(
             image_features,
@@ -228,6 +221,7 @@ def _check_shapes(
     keywords: torch.Tensor | None,
     candidates: torch.Tensor | None,
     ids: torch.Tensor | None,
+    strong: torch.Tensor | None,
 ) -> None:
     if image.ndim != 2 or text.shape != image.shape:
         raise ValueError(
@@ -250,3 +244,8 @@ def _check_shapes(
             )
     if ids is not None and ids.shape != (image.shape[0],):
         raise ValueError(f"pair_index must be (B_p,) = ({image.shape[0]},); got {tuple(ids.shape)}")
+    if strong is not None and (unpaired is None or strong.shape != unpaired.shape):
+        raise ValueError(
+            "unpaired_strong_features must match unpaired_features' shape; got "
+            f"{tuple(strong.shape)} for {None if unpaired is None else tuple(unpaired.shape)}"
+        )
