@@ -217,6 +217,7 @@ def semiclip_diagnostics(module: Any, dm: Any, logits_file: Path) -> dict[str, A
     """
     import tempfile
 
+    from sclip_lightning.callbacks import unpaired_features
     from sclip_lightning.concepts import ConceptMiner
 
     crit, info = module.criterion, dm.train_info()
@@ -228,11 +229,7 @@ def semiclip_diagnostics(module: Any, dm: Any, logits_file: Path) -> dict[str, A
     hidden = mined.labels[:, [mined.names.index(n) for n in names]]  # (N_u, K), our order
     stage1 = torch.load(logits_file, weights_only=True)["logits"]
     hits = hidden.gather(1, stage1.topk(3, dim=1).indices)
-    module.eval()
-    feats = [
-        module.encode_images(b["image"].to(module.device)).float() for b in dm.unpaired_dataloader()
-    ]
-    unpaired = torch.cat(feats)
+    unpaired = unpaired_features(module, dm)
     top = stage1.topk(crit.surrogate_words, dim=1).indices.to(module.device)
     surrogate = torch.cat(
         [crit.surrogates(top[i : i + 256], crit.context) for i in range(0, len(top), 256)]

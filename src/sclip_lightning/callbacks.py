@@ -269,21 +269,34 @@ class ConceptLogitsWriter(L.Callback):
             )
         if trainer.is_global_zero:
             info = dm.train_info()  # type: ignore[attr-defined]
-            was_training = pl_module.training
-            pl_module.eval()
-            rows = []
-            with torch.no_grad():
-                for batch in dm.unpaired_dataloader(self.train_view):
-                    images = batch["image"].to(pl_module.device)
-                    feats = pl_module.encode_images(images).float()  # type: ignore[operator]
-                    rows.append(criterion.concept_logits(feats).cpu())  # type: ignore[union-attr]
-            pl_module.train(was_training)
-            logits = torch.cat(rows) if rows else torch.zeros(0, len(criterion.concept_names))  # type: ignore[union-attr]
+            feats = unpaired_features(pl_module, dm, self.train_view)
+            names = criterion.concept_names  # type: ignore[union-attr]
+            with torch.no_grad():  # no unpaired image: an empty (0, K) table
+                logits = (
+                    criterion.concept_logits(feats).cpu()  # type: ignore[union-attr]
+                    if len(feats)
+                    else torch.zeros(0, len(names))
+                )
+            digest = criterion.embedding_digest()  # type: ignore[union-attr]
+            view = "train" if self.train_view else "eval"
             path = save_concept_logits(
-                self.path, logits, criterion.concept_names, info.unpaired_keys,  # type: ignore[union-attr]
-                info.unpaired_index, criterion.embedding_digest(),  # type: ignore[union-attr]
-                "train" if self.train_view else "eval",
-            )  # fmt: skip
+                self.path, logits, names, info.unpaired_keys, info.unpaired_index, digest, view
+            )
             log.info("stage-1 concept logits of %d unpaired images -> %s", len(logits), path)
         if dist.is_available() and dist.is_initialized():
             trainer.strategy.barrier("concept_logits")
+
+
+@torch.no_grad()
+def unpaired_features(module: Any, datamodule: Any, train_view: bool = False) -> torch.Tensor:
+    """(N_u, D) float32 features of every unpaired training image, in unpaired order
+    (``datamodule.unpaired_dataloader``, :class:`~sclip_lightning.interfaces.UnpairedData`),
+    encoded by ``module.encode_images`` in eval mode (the module's mode is restored)."""
+    was_training = module.training
+    module.eval()
+    rows = [
+        module.encode_images(batch["image"].to(module.device)).float()
+        for batch in datamodule.unpaired_dataloader(train_view)
+    ]
+    module.train(was_training)
+    return torch.cat(rows) if rows else torch.zeros(0, 0, device=module.device)
