@@ -258,3 +258,119 @@ def test_clip_loss_is_open_clips_and_sclip_without_its_extra_terms():
     plain = SCLIPLoss(caption_weight=0.0, keyword_weight=0.0, unpaired_negatives=False)
     assert not plain.uses_unpaired
     assert torch.equal(plain(x, y, s)["contrastive_loss"], clip["contrastive_loss"])
+
+
+class ClipPlusViews(CLIPLoss):
+    """A user's objective that reads the strong view: CLIP's loss plus the squared distance
+    between the weak and strong views' features of each unpaired image."""
+
+    @property
+    def uses_unpaired(self) -> bool:
+        return True
+
+    @property
+    def uses_strong_view(self) -> bool:
+        return True
+
+    def compute(self, f: Features) -> dict[str, torch.Tensor]:
+        out = super().compute(f)
+        assert f.unpaired is not None and f.unpaired_strong is not None
+        out["view_loss"] = (f.unpaired - f.unpaired_strong).pow(2).sum(-1).mean()
+        return out
+
+
+class CountingModule(SCLIPModule):
+    """A subclass that overrides the image encoder hook (and records the batch sizes)."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        self.sizes = [*getattr(self, "sizes", []), images.shape[0]]
+        return super().encode_images(images)
+
+
+@pytest.mark.parametrize("cache", [None, "image"], ids=["pixels", "image_cache"])
+def test_the_strong_view_goes_through_the_encode_images_hook(cache, synthetic_root, tiny_lit):
+    """Every image feature of a step, the strong view's too, comes from the (overridden)
+    ``encode_images``; under the image cache the frozen part of the strong view runs live
+    and the rest through the hook, equal (float64) to the tower on its pixels."""
+    import lightning as L
+    from helpers import quiet_cpu_trainer
+
+    from sclip_lightning import SCLIPDataModule
+
+    L.seed_everything(0)
+    name, _ = tiny_lit
+    lock = dict(lock_image=True, lock_image_unlocked_groups=2, tower_cache=cache)
+    module = CountingModule(model_name=name, criterion=ClipPlusViews(), **lock)
+    data = SCLIPDataModule(
+        dataset="synthetic", batch_size=4, unpaired_batch_size=6, num_workers=0,
+        model_name=name, augment=False,
+    )  # fmt: skip
+    quiet_cpu_trainer(max_steps=2, limit_val_batches=0, precision="64-true").fit(module, data)
+    assert module.sizes == [10, 6] * 2  # paired + unpaired weak in one call, then strong
+    module.sizes = []
+    batch = next(iter(data.train_dataloader()))[0]
+    strong = batch["unpaired"]["image_strong"].double()
+    module.eval()
+    if cache:  # as in a step: the hook on the frozen outputs
+        assert module.reads_tower_outputs("image")
+        got = module.encode_images(module.towers.frozen_outputs("image", strong))
+    else:
+        got = module.encode_images(strong)
+    module.towers = None
+    torch.testing.assert_close(got, module.model.encode_image(strong, normalize=True))
+
+
+def _bn_buffers(module: SCLIPModule) -> dict[str, torch.Tensor]:
+    state = module.model.visual.state_dict()
+    return {k: v.clone() for k, v in state.items() if "running" in k or "num_batches" in k}
+
+
+def test_strong_view_norm_stats_keep_leaves_batchnorm_statistics_to_the_weak_views():
+    """With a BatchNorm image tower training (sclip-tiny-rn): ``keep`` ends a step with the
+    running statistics the weak forward alone gives; ``update`` moves them with the strong
+    views too; the losses are the same (train mode normalises by the batch either way)."""
+    torch.manual_seed(0)
+    first = SCLIPModule(model_name="sclip-tiny-rn", criterion=ClipPlusViews()).double().train()
+    tokens = first.tokenizer(["a field", "a river", "a road", "a port"])
+    x = torch.randn(3, 4, 3, 32, 32, dtype=torch.float64)
+    batch = {
+        "paired": {"image": x[0], "text": tokens},
+        "unpaired": {"image": x[1], "image_strong": x[2] * 2 + 1},
+    }
+    state = first.state_dict()
+    runs = {}
+    for stats in ("keep", "update"):
+        m = SCLIPModule(
+            model_name="sclip-tiny-rn", criterion=ClipPlusViews(), strong_view_norm_stats=stats
+        )
+        m.double().train().load_state_dict(state)
+        runs[stats] = (m.compute_losses(batch), _bn_buffers(m))
+    first.encode_images(torch.cat([x[0], x[1]]))  # the weak forward alone
+    weak_only = _bn_buffers(first)
+    assert weak_only, "the tower has BatchNorm running statistics"
+    for k, v in weak_only.items():  # the same arithmetic on the same inputs
+        torch.testing.assert_close(runs["keep"][1][k], v, rtol=0, atol=1e-12)
+    moved = [k for k, v in weak_only.items() if not torch.equal(runs["update"][1][k], v)]
+    assert moved, "update: the strong views move the running statistics"
+    for term, value in runs["keep"][0].items():
+        torch.testing.assert_close(runs["update"][0][term], value, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="strong_view_norm_stats"):
+        SCLIPModule(model_name="sclip-tiny-rn", strong_view_norm_stats="freeze")
+
+
+def test_running_stats_kept_covers_timm_batchnorm_and_restores_tracking():
+    from timm.layers import BatchNormAct2d
+
+    from sclip_lightning.towers import running_stats_kept
+
+    torch.manual_seed(0)
+    bn = BatchNormAct2d(3).double().train()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with running_stats_kept(bn):
+        kept = bn(x)
+    assert bn.track_running_stats
+    for k, v in before.items():
+        assert torch.equal(bn.state_dict()[k], v), k
+    torch.testing.assert_close(kept, bn(x), rtol=0, atol=1e-12)  # train mode: batch statistics
+    assert not torch.equal(bn.running_mean, before["running_mean"])  # this call updated them

@@ -26,6 +26,7 @@ from sclip_lightning.towers import (
     causal_text_length,
     encode_text_prefix,
     freeze_locked_modules,
+    running_stats_kept,
 )
 
 Scheduler = Literal["cosine", "constant"]
@@ -60,18 +61,17 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
             optimiser, schedule and step start fresh): SemiCLIP's stage 2 from stage 1.
         keyword_vocabulary: keyword texts; None takes the data module's.
         keyword_template: text encoded for each keyword (``{}`` = keyword).
-        lr: AdamW learning rate (paper 5e-5).
-        weight_decay: AdamW weight decay (paper 0.2), none on norms, biases, logit_scale.
-        betas, eps: AdamW betas and epsilon.
+        lr, weight_decay, betas, eps: AdamW's (paper 5e-5, 0.2, (0.9, 0.98), 1e-6); no weight
+            decay on norms, biases, logit_scale.
         warmup_steps: linear warm-up, in optimiser steps (paper 10).
         scheduler: cosine (to 0 at the last step) or constant after the warm-up.
-        lock_image, lock_image_unlocked_groups: freeze the image tower except its top
-            ``lock_image_unlocked_groups`` layer groups; locked parts run in eval mode (no
-            dropout, BatchNorm running statistics), as in LiT.
+        lock_image, lock_image_unlocked_groups: freeze the image tower but its top groups;
+            locked parts run in eval mode (no dropout, BatchNorm running statistics), as LiT.
         lock_text, lock_text_unlocked_layers: the same for the text tower (top layers).
-        encode_unpaired_separately: encode unpaired images in their own forward (release);
-            the default encodes paired and unpaired images in one call (faster; differs only
-            for BatchNorm towers).
+        encode_unpaired_separately: unpaired images in their own forward (release), not in
+            one call with the paired ones (faster; the same but for BatchNorm towers).
+        strong_view_norm_stats: ``keep``: the strong view's forward (SemiCLIP) leaves BatchNorm
+            running statistics to the weak views; ``update``: train mode (release: ViT, no BN).
         max_logit_scale: ``s`` is clamped to this after every step (open_clip: 100).
         tower_cache: run the frozen part of locked towers once per sample (same results, a
             fraction of the time; :class:`~sclip_lightning.towers.CachedTowers`). Needs the
@@ -111,6 +111,7 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
         encode_unpaired_separately: bool = False,
+        strong_view_norm_stats: Literal["update", "keep"] = "update",
         max_logit_scale: float = 100.0,
         tower_cache: TowerCache | None = None,
         tower_cache_dir: str | None = None,
@@ -125,6 +126,7 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         check_choice("scheduler", scheduler, Scheduler)
         check_choice("tower_cache", tower_cache, TowerCache | None)
         check_choice("nonfinite", nonfinite, Nonfinite)
+        check_choice("strong_view_norm_stats", strong_view_norm_stats, Literal["update", "keep"])
         for name in ("pseudo_label_warmup_steps", "warmup_steps"):
             if locals()[name] < 0:
                 raise ValueError(f"{name} must be >= 0, got {locals()[name]}")
@@ -250,8 +252,12 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         text_feats = self.encode_texts(paired["text"])
         if unpaired is not None and self.uses_keywords:
             keyword_feats, candidates = self.encode_keywords(), paired["keywords"]
-        if unpaired is not None and self.uses_strong_view:  # pixels, also with the image cache
-            strong = self.model.encode_image(unpaired["image_strong"], normalize=True)
+        if unpaired is not None and self.uses_strong_view:  # the image cache holds no random view
+            pixels = unpaired["image_strong"]
+            if self.reads_tower_outputs("image"):
+                pixels = self.towers.frozen_outputs("image", pixels)  # type: ignore[union-attr]
+            with running_stats_kept(self, self._hp.strong_view_norm_stats == "keep"):
+                strong = self.encode_images(pixels)
         return self.criterion(
             image_feats,
             text_feats,
@@ -317,8 +323,7 @@ class SCLIPModule(EvaluationSteps, L.LightningModule):
         total = sum(losses.values())
         self.last_loss_terms = {k: v.detach() for k, v in losses.items()}
         bs = batch["paired"]["image"].shape[0]
-        # only on the steps the loggers write: Lightning turns every progress-bar value into a
-        # Python number after each step (a host sync on a GPU), and a log call costs ~1-2 ms
+        # on the loggers' steps only: a progress-bar value is a host sync, a log call ~1-2 ms
         if logs_this_step(self.trainer):
             self.log("train/loss", total, prog_bar=True, batch_size=bs)
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)

@@ -339,6 +339,24 @@ def freeze_locked_modules(root: nn.Module) -> None:
             freeze_locked_modules(child)
 
 
+@contextlib.contextmanager
+def running_stats_kept(root: nn.Module, keep: bool = True) -> Iterator[None]:
+    """Inside, the training BatchNorm layers of ``root`` normalise with their batch's
+    statistics as in train mode but leave their running statistics (and batch count) as
+    they are: for a forward of inputs that evaluation should not be calibrated on (SemiCLIP's
+    strong views, ``strong_view_norm_stats: keep``). No host synchronisation. ``keep=False``:
+    nothing changes (train mode as usual)."""
+    norms = [m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if keep and m.training and m.track_running_stats]
+    for m in norms:  # train mode without tracking: batch statistics, no update
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
 def causal_text_length(model: Any, tokens: torch.Tensor) -> int | None:
     """How many leading token positions decide open_clip's causal text features, or None.
 
