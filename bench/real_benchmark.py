@@ -108,6 +108,16 @@ FINETUNE_DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "S-CLIP 32+32, the release's objective (keyword_weighting: linear)": {
         f"{OBJ}.init_args.keyword_weighting": "linear"
     },
+    # SemiCLIP's strong views run through the training top block in their own forward: in
+    # train mode they move its BatchNorm running statistics, which evaluation then uses
+    "SemiCLIP 32+32, strong view leaves BatchNorm statistics (strong_view_norm_stats: keep)": {
+        OBJ: SEMICLIP,
+        "model.init_args.strong_view_norm_stats": "keep",
+    },
+    # what the pairs alone give SemiCLIP: its stage 1 for the whole run, no unpaired image
+    "SemiCLIP stage 1 alone, all steps (contrastive + concept loss on the pairs)": {
+        OBJ: json.dumps({"class_path": SEMICLIP, "init_args": {"stage": 1}}),
+    },
 }
 #: hidden RSICD class labels, for the logged pseudo-label accuracy only (not seen by the losses)
 LABELS = {
@@ -314,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         help="run DIAGNOSTICS (FINETUNE_DIAGNOSTICS with --protocol finetune) at --diagnostics-lr",
     )
     p.add_argument("--diagnostics-lr", type=float, default=1e-4)
+    p.add_argument("--variants", nargs="+", default=None, help="names of the diagnostics to run")
     p.add_argument(
         "--replot",
         action="store_true",
@@ -386,7 +397,13 @@ def diagnostics(args, config, stem) -> None:
 
     t0 = time.time()
     rows = []
-    for name, over in (DIAGNOSTICS if args.protocol == "lit" else FINETUNE_DIAGNOSTICS).items():
+    table = DIAGNOSTICS if args.protocol == "lit" else FINETUNE_DIAGNOSTICS
+    unknown = sorted(set(args.variants or []) - set(table))
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {list(table)}")
+    for name, over in table.items():
+        if args.variants is not None and name not in args.variants:
+            continue
         runs = []
         for seed in args.seeds:
             res, sec = run(

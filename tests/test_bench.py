@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import loss as loss_bench  # bench/loss.py (conftest puts bench/ on sys.path)
+import pytest
 
 
 def test_loss_bench_table(capsys):
@@ -65,6 +66,15 @@ def test_real_benchmark_orchestrates_the_product_at_tiny_size(tmp_path, tiny_lit
     png.unlink()
     real_benchmark.main([*argv, "--replot"])
     assert png.is_file()
+
+
+def test_real_benchmark_diagnostics_refuse_an_unknown_variant_naming_the_known(tmp_path):
+    import real_benchmark  # bench/real_benchmark.py
+
+    argv = ["--protocol", "finetune", "--diagnostics", "--variants", "nope", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"unknown variants \['nope'\]; known: .*SemiCLIP 32\+32"):
+        real_benchmark.main(argv)
+    assert not list(tmp_path.iterdir())  # nothing ran
 
 
 def test_sync_counter_attributes_each_sync_to_its_phase_and_caller():
