@@ -346,8 +346,11 @@ def running_stats_kept(root: nn.Module, keep: bool = True) -> Iterator[None]:
     they are: for a forward of inputs that evaluation should not be calibrated on (SemiCLIP's
     strong views, ``strong_view_norm_stats: keep``). No host synchronisation. ``keep=False``:
     nothing changes (train mode as usual)."""
+    if not keep:  # the default path of every step: no walk over the modules
+        yield
+        return
     norms = [m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    norms = [m for m in norms if keep and m.training and m.track_running_stats]
+    norms = [m for m in norms if m.training and m.track_running_stats]
     for m in norms:  # train mode without tracking: batch statistics, no update
         m.track_running_stats = False
     try:
